@@ -1,0 +1,52 @@
+r"""Inverted dropout as a function: :math:`h_\text{drop} = \gamma\, d \circ h`."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+
+
+def dropout(
+    input: torch.Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""Inverted dropout.
+
+    .. math::
+        h_\text{drop} = \gamma\, d \circ h, \qquad
+        d_i \sim \text{Bernoulli}(1-p) \text{ i.i.d.}, \qquad
+        \gamma = \frac{1}{1-p}
+
+    so that :math:`E[h_\text{drop}] = h`. Units are dropped with probability
+    ``p``, kept and scaled by :math:`\gamma` otherwise; the gradient flows
+    through the same mask.
+
+    * ``training=False`` or ``p=0``: the identity; no random numbers are drawn.
+    * ``p=1``: all zeros (and zero gradient), with no division by zero.
+    * ``generator``: the ``torch.Generator`` the mask is drawn from; the same
+      generator state gives the same mask.
+
+    Dtype, shape and device of ``input`` are preserved.
+
+    Example:
+        >>> import torch
+        >>> from optiscope.functional import dropout
+        >>> y = dropout(torch.ones(4), p=0.5, generator=torch.Generator().manual_seed(0))
+        >>> sorted(set(y.tolist())) in ([0.0, 2.0], [0.0], [2.0])
+        True
+    """
+    _checks.floating_tensor("input", input)
+    p = _checks.probability("p", p)
+    training = _checks.flag("training", training)
+    if not training or p == 0.0:
+        return input
+    if p == 1.0:
+        return torch.where(
+            torch.zeros((), dtype=torch.bool, device=input.device), input, 0.0
+        )
+    keep = torch.rand(input.shape, generator=generator, device=input.device) >= p
+    return torch.where(keep, input * (1.0 / (1.0 - p)), 0.0)

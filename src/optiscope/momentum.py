@@ -1,0 +1,124 @@
+r"""Momentum in the EMA form of the seed: :math:`m \leftarrow \beta m + (1-\beta) g`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import _checks
+from ._moments import ema_
+from ._optimizer import OptiscopeOptimizer, ParamsT
+from ._precision import compute_view
+
+
+def momentum_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    momentum_buffer: torch.Tensor,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    r"""One momentum step for one tensor, in place on ``param`` and ``momentum_buffer``.
+
+    .. math::
+
+        g &\leftarrow \pm\nabla_\theta J + \lambda\theta
+            \quad(\text{minus when maximizing; } \lambda = \text{weight\_decay}) \\
+        m &\leftarrow \beta m + (1-\beta) g \\
+        \theta &\leftarrow \theta - \alpha m
+
+    ``momentum_buffer`` is the seed's :math:`m`. ``grad`` is read, never written.
+    Low-precision tensors are updated in float32 and rounded once at the end.
+    """
+    with compute_view(param, momentum_buffer) as (theta, m):
+        g = grad.to(theta.dtype)
+        if maximize:
+            g = -g
+        if weight_decay != 0.0:
+            g = g.add(theta, alpha=weight_decay)
+        ema_(m, g, momentum)
+        theta.add_(m, alpha=-lr)
+
+
+class Momentum(OptiscopeOptimizer):
+    r"""Momentum SGD with the momentum buffer as an exponential moving average.
+
+    .. math::
+
+        m_t &= \beta\, m_{t-1} + (1-\beta)\, g_t, \qquad m_0 = 0 \\
+        \theta_t &= \theta_{t-1} - \alpha\, m_t
+
+    so the first step is :math:`-\alpha(1-\beta) g_1`, and ``momentum=0`` is plain
+    SGD. The buffer is stored as ``state[p]["momentum_buffer"]``.
+
+    .. warning::
+        ``torch.optim.SGD`` uses another convention: its buffer starts at
+        :math:`g_1` and sums, :math:`b_t = \beta b_{t-1} + g_t`, so its steps are
+        :math:`1/(1-\beta)` times larger in steady state. The two are the same
+        trajectory under the exact mapping
+
+        ``Momentum(lr=α, momentum=β)`` ≡ ``SGD(lr=α(1−β), momentum=β, dampening=0)``
+
+        from the first step on, because :math:`m_t = (1-\beta) b_t` holds at
+        :math:`t=1` (:math:`m_1 = (1-\beta)g_1`, :math:`b_1 = g_1`) and both
+        recursions are linear with the same :math:`\beta`.
+
+    Weight decay is L2: :math:`\lambda\theta` is added to the gradient before the
+    average.
+
+    Example:
+        >>> import torch, optiscope
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> opt = optiscope.Momentum([w], lr=0.1, momentum=0.9)
+        >>> w.grad = torch.ones(2)
+        >>> opt.step()
+        >>> w.detach()  # 1 - 0.1 * (1 - 0.9) * 1
+        tensor([0.9900, 0.9900])
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-2,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize
+        )
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any]) -> dict[str, Any]:
+        group["lr"] = _checks.non_negative("lr", group["lr"])
+        group["momentum"] = _checks.unit_interval_open_right(
+            "momentum", group["momentum"]
+        )
+        group["weight_decay"] = _checks.non_negative(
+            "weight_decay", group["weight_decay"]
+        )
+        group["maximize"] = _checks.flag("maximize", group["maximize"])
+        return group
+
+    def _init_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "momentum_buffer": torch.zeros_like(
+                param, memory_format=torch.preserve_format
+            )
+        }
+
+    def _update_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        for p in params:
+            momentum_step(
+                p,
+                p.grad,
+                self.state[p]["momentum_buffer"],
+                lr=group["lr"],
+                momentum=group["momentum"],
+                weight_decay=group["weight_decay"],
+                maximize=group["maximize"],
+            )

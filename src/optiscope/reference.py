@@ -1,0 +1,110 @@
+r"""The three rules of the seed in NumPy float64: the oracle every test compares against.
+
+Read this file first. Each function is the seed's equations, one line per
+line, with no fusion, no in-place tricks and no torch import. Each returns new
+arrays and leaves its inputs alone.
+
+Notation (the seed's): :math:`\theta` parameters, :math:`g` the minibatch
+gradient :math:`\nabla_\theta J`, :math:`m` and :math:`v` the first and second
+moment averages, :math:`\alpha` the learning rate.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+Array = NDArray[np.float64]
+
+
+def momentum_step(
+    theta: Array,
+    m: Array,
+    g: Array,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+) -> tuple[Array, Array]:
+    r"""Seed 1(a): :math:`m \leftarrow \beta_1 m + (1-\beta_1) g`, :math:`\theta \leftarrow \theta - \alpha m`.
+
+    Returns the new ``(theta, m)``.
+    """
+    g = -g if maximize else g
+    g = g + weight_decay * theta  # L2 regularisation folded into the gradient
+    m = momentum * m + (1.0 - momentum) * g
+    theta = theta - lr * m
+    return theta, m
+
+
+def adam_step(
+    theta: Array,
+    m: Array,
+    v: Array,
+    g: Array,
+    *,
+    t: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    amsgrad: bool = False,
+    v_max: Array | None = None,
+    maximize: bool = False,
+    bias_correction: bool = True,
+) -> tuple[Array, Array, Array, Array | None]:
+    r"""Seed 1(b) and Kingma & Ba's Algorithm 1. ``t`` counts from 1.
+
+    .. math::
+        m &\leftarrow \beta_1 m + (1-\beta_1) g \\
+        v &\leftarrow \beta_2 v + (1-\beta_2)\, g \odot g \\
+        \theta &\leftarrow \theta - \alpha\, \hat m / (\sqrt{\hat v} + \epsilon)
+
+    with :math:`\hat m = m/(1-\beta_1^t)`, :math:`\hat v = v/(1-\beta_2^t)` when
+    ``bias_correction``, else :math:`\hat m = m`, :math:`\hat v = v`. With
+    ``bias_correction=False, eps=0`` this is the seed's
+    :math:`\theta \leftarrow \theta - \alpha\, m/\sqrt v`. A coordinate where
+    :math:`\sqrt{\hat v}+\epsilon = 0` takes no step.
+
+    Returns the new ``(theta, m, v, v_max)``; ``v_max`` is None unless ``amsgrad``.
+    """
+    g = -g if maximize else g
+    if decoupled_weight_decay:
+        theta = theta * (1.0 - lr * weight_decay)
+    else:
+        g = g + weight_decay * theta
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * g * g
+    if amsgrad:
+        v_max = np.maximum(v if v_max is None else v_max, v)
+    v_used = v_max if amsgrad else v
+    m_hat = m / (1.0 - beta1**t) if bias_correction else m
+    v_hat = v_used / (1.0 - beta2**t) if bias_correction else v_used
+    denom = np.sqrt(v_hat) + eps
+    safe = np.where(denom > 0.0, denom, 1.0)
+    step = np.where(denom > 0.0, m_hat / safe, 0.0)
+    theta = theta - lr * step
+    return theta, m, v, v_max if amsgrad else None
+
+
+def dropout(h: Array, d: NDArray[np.bool_], p: float) -> Array:
+    r"""Seed (b): :math:`h_\text{drop} = \gamma\, d \circ h` with :math:`\gamma = 1/(1-p)`.
+
+    ``d`` is the keep mask, :math:`d_i \sim \text{Bernoulli}(1-p)`. With
+    :math:`p = 1` every unit is dropped and the output is zero (no
+    :math:`\gamma` is needed, so none is computed).
+    """
+    if p == 1.0:
+        return np.zeros_like(h, dtype=np.float64)
+    gamma = 1.0 / (1.0 - p)
+    return gamma * d * h
+
+
+def dropout_mask(
+    rng: np.random.Generator, shape: tuple[int, ...], p: float
+) -> NDArray[np.bool_]:
+    r""":math:`d_i \sim \text{Bernoulli}(1-p)`, independently."""
+    return rng.random(shape) >= p

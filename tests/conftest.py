@@ -1,0 +1,11 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seed():
+    torch.manual_seed(0)
+    yield
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
