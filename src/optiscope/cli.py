@@ -6,19 +6,24 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .lab.runner import add_lab_parser
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="optiscope",
         description="Momentum, Adam and inverted dropout for PyTorch, measured.",
     )
-    parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_lab_parser(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # report it with the subcommand's usage, not the top-level one
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args.handler(args) or 0)
 
 
