@@ -66,6 +66,20 @@ def _f64(bits, dtype: tl.constexpr):
 
 
 @triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """``x`` rounded once to ``dtype``, to nearest even."""
+    if dtype == tl.bfloat16:
+        # On the bits, because the interpreter truncates to bfloat16; the same
+        # integer ops give the GPU's cvt.rn result, so both are checked alike.
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)  # NaN stays NaN
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
 def _sqrt(x, FP64: tl.constexpr):
     # float64 sqrt is always IEEE-rounded; for float32 ask for it explicitly.
     if FP64:
@@ -122,8 +136,8 @@ def _momentum_kernel(
         g = g + _f64(weight_decay, compute) * theta
     m = _lerp(m, g, _f64(ema_weight, compute))
     theta = theta + _f64(neg_lr, compute) * m
-    tl.store(buf_ptr + offs, m.to(buf_ptr.dtype.element_ty), mask=mask)
-    tl.store(param_ptr + offs, theta.to(param_ptr.dtype.element_ty), mask=mask)
+    tl.store(buf_ptr + offs, _round_to(m, buf_ptr.dtype.element_ty), mask=mask)
+    tl.store(param_ptr + offs, _round_to(theta, param_ptr.dtype.element_ty), mask=mask)
 
 
 def momentum_(
@@ -215,14 +229,16 @@ def _adam_kernel(
         theta = theta * _f64(decay, compute)
     m = _lerp(m, g, _f64(ema_weight1, compute))
     v = v * _f64(beta2, compute) + _f64(one_minus_beta2, compute) * g * g
-    tl.store(exp_avg_ptr + offs, m.to(exp_avg_ptr.dtype.element_ty), mask=mask)
-    tl.store(exp_avg_sq_ptr + offs, v.to(exp_avg_sq_ptr.dtype.element_ty), mask=mask)
+    tl.store(exp_avg_ptr + offs, _round_to(m, exp_avg_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        exp_avg_sq_ptr + offs, _round_to(v, exp_avg_sq_ptr.dtype.element_ty), mask=mask
+    )
     if AMSGRAD:
         v_max = tl.load(max_exp_avg_sq_ptr + offs, mask=mask, other=0.0).to(compute)
         v = tl.maximum(v_max, v, propagate_nan=tl.PropagateNan.ALL)
         tl.store(
             max_exp_avg_sq_ptr + offs,
-            v.to(max_exp_avg_sq_ptr.dtype.element_ty),
+            _round_to(v, max_exp_avg_sq_ptr.dtype.element_ty),
             mask=mask,
         )
     denom = _div(_sqrt(v, FP64), _f64(sqrt_c2, compute), FP64) + _f64(eps, compute)
@@ -232,7 +248,7 @@ def _adam_kernel(
     update = _div(m, tl.where(no_signal, 1.0, denom), FP64)
     update = tl.where(no_signal, 0.0, update)
     theta = theta + _f64(neg_step_size, compute) * update
-    tl.store(param_ptr + offs, theta.to(param_ptr.dtype.element_ty), mask=mask)
+    tl.store(param_ptr + offs, _round_to(theta, param_ptr.dtype.element_ty), mask=mask)
 
 
 def adam_(
@@ -372,7 +388,7 @@ def _dropout_kernel(
     mask = offs < numel
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     y = tl.where(keep, x.to(compute) * _f64(gamma, compute), 0.0)
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, _round_to(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 def dropout_forward(x: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:
