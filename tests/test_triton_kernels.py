@@ -37,7 +37,9 @@ _imported_before = _MODULE in sys.modules
 tk = importlib.import_module(_MODULE)
 if _imported_before:
     # Triton picks interpreter or compiler when a kernel is decorated, so a
-    # module imported before TRITON_INTERPRET was set must be decorated again.
+    # module imported before TRITON_INTERPRET was set must be decorated again
+    # (the kernels call only builtins, not triton.language's own @jit helpers,
+    # which stay compiled for the rest of the process).
     tk = importlib.reload(tk)
 
 import triton  # noqa: E402

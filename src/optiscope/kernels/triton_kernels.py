@@ -368,7 +368,7 @@ def _dropout_kernel(
     compute = tl.float64 if FP64 else tl.float32
     # One Philox call per counter gives the words of 4 consecutive elements.
     counter = tl.program_id(0).to(tl.int64) * COUNTERS + tl.arange(0, COUNTERS)
-    zero = tl.zeros([COUNTERS], dtype=tl.uint32)
+    zero = tl.full([COUNTERS], 0, tl.uint32)
     r0, r1, r2, r3 = _philox4x32_10(
         (counter & 0xFFFFFFFF).to(tl.uint32),
         (counter >> 32).to(tl.uint32),
