@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from rich.markup import escape
 from rich.table import Table
 
 VERDICT_COLOURS = {
@@ -21,8 +22,10 @@ VERDICT_COLOURS = {
 
 def summary_table(document: dict[str, Any]) -> Table:
     table = Table(title="optiscope lab: the seed's claims, measured")
-    for column in ("claim", "statement", "verdict", "key numbers"):
-        table.add_column(column)
+    table.add_column("claim")
+    table.add_column("statement", max_width=34)
+    table.add_column("verdict", no_wrap=True)
+    table.add_column("measured")
     for key, result in document["claims"].items():
         colour = {"holds": "green", "does not hold": "red"}.get(
             result["verdict"], "yellow"
@@ -31,16 +34,9 @@ def summary_table(document: dict[str, Any]) -> Table:
             key,
             result["title"],
             f"[{colour}]{result['verdict']}[/]",
-            _headline(result["numbers"]),
+            escape(result["headline"]),  # "E[h_drop]" is not rich markup
         )
     return table
-
-
-def _headline(numbers: dict[str, Any], count: int = 3) -> str:
-    scalars = [
-        (k, v) for k, v in numbers.items() if isinstance(v, (int, float, str, bool))
-    ]
-    return "; ".join(f"{k}={v}" for k, v in scalars[:count])
 
 
 def figure_png(spec: dict[str, Any]) -> bytes:
@@ -98,14 +94,24 @@ def _numbers_html(numbers: dict[str, Any]) -> str:
     return f"<div class='scroll'><table class='numbers'>{''.join(rows)}</table></div>"
 
 
-def render(document: dict[str, Any]) -> str:
+def figures(document: dict[str, Any]) -> dict[str, bytes]:
+    """Every figure of the document as PNG bytes, named ``<claim>-<n>.png``."""
+    return {
+        f"{key}-{i}.png": figure_png(spec)
+        for key, result in document["claims"].items()
+        for i, spec in enumerate(result.get("figures", []), start=1)
+    }
+
+
+def render(document: dict[str, Any], pngs: dict[str, bytes]) -> str:
+    """The self-contained page: ``pngs`` (from :func:`figures`) are embedded inline."""
     config = document["config"]
     sections = []
     for key, result in document["claims"].items():
         images = "".join(
             f"<img alt='{html.escape(spec['title'])}' src='data:image/png;base64,"
-            f"{base64.b64encode(figure_png(spec)).decode()}'>"
-            for spec in result.get("figures", [])
+            f"{base64.b64encode(pngs[f'{key}-{i}.png']).decode()}'>"
+            for i, spec in enumerate(result.get("figures", []), start=1)
         )
         colour = VERDICT_COLOURS.get(result["verdict"], "#57606a")
         sections.append(f"""
@@ -115,6 +121,7 @@ def render(document: dict[str, Any]) -> str:
   <blockquote>{html.escape(result["seed_words"])}</blockquote>
   <p><b>Method.</b> {html.escape(result["method"])}</p>
   <p><b>Criterion.</b> {html.escape(result["criterion"])}</p>
+  <p><b>Measured.</b> {html.escape(result["headline"])}</p>
   <div class="figures">{images}</div>
   {_numbers_html(result["numbers"])}
 </section>""")
@@ -152,7 +159,13 @@ table.inner td, table.inner th {{ font-size: .85em; }}
 
 
 def write(results_path: Path, html_path: Path) -> None:
+    """Render ``results_path`` into ``html_path``, and each plot into ``figures/`` beside it."""
     from .runner import atomic_write
 
     document = json.loads(Path(results_path).read_text())
-    atomic_write(html_path, render(document))
+    pngs = figures(document)
+    folder = html_path.parent / "figures"
+    folder.mkdir(exist_ok=True)
+    for name, png in pngs.items():
+        atomic_write(folder / name, png)
+    atomic_write(html_path, render(document, pngs))

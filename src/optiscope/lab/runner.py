@@ -163,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
     # identical from machine to machine load (OpenMP threads spin when a core is busy).
     torch.set_num_threads(1)
     console = Console(stderr=True)
+    if not console.is_terminal:
+        console.width = 120  # logs and CI: room for the summary table
     results: dict[str, Any] = {}
     columns = (TextColumn("{task.description:<48}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
