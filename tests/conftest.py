@@ -6,6 +6,3 @@ import torch
 def _fixed_seed():
     torch.manual_seed(0)
     yield
-
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICES
+from tests_helpers import DEVICES
 
 import optiscope
 from optiscope.functional import dropout

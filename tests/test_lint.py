@@ -13,7 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
     shutil.which("ruff") is None, reason="ruff is installed by the test extra"
 )
 @pytest.mark.parametrize(
-    "command", [["ruff", "check", "."], ["ruff", "format", "--check", "."]]
+    "command",
+    [
+        ["ruff", "check", "--no-cache", "."],
+        ["ruff", "format", "--no-cache", "--check", "."],
+    ],
 )
 def test_ruff_is_clean(command) -> None:
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)

@@ -13,6 +13,8 @@ from matplotlib.figure import Figure
 from rich.markup import escape
 from rich.table import Table
 
+from .._io import atomic_write
+
 VERDICT_COLOURS = {
     "holds": "#1a7f37",
     "does not hold": "#cf222e",
@@ -160,8 +162,6 @@ table.inner td, table.inner th {{ font-size: .85em; }}
 
 def write(results_path: Path, html_path: Path) -> None:
     """Render ``results_path`` into ``html_path``, and each plot into ``figures/`` beside it."""
-    from .runner import atomic_write
-
     document = json.loads(Path(results_path).read_text())
     pngs = figures(document)
     folder = html_path.parent / "figures"

@@ -13,11 +13,11 @@ import argparse
 import csv
 import io
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from .._io import atomic_write
 
 SCHEMA = 1
 CLAIM_KEYS = (
@@ -86,21 +86,6 @@ def add_lab_parser(subparsers: argparse._SubParsersAction) -> None:
 def _fail(message: str) -> int:
     print(f"optiscope lab: error: {message}", file=sys.stderr)
     return 2
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``."""
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def run(args: argparse.Namespace) -> int:
