@@ -96,10 +96,18 @@ def _compute_dtype(*dtypes: torch.dtype) -> type:
     return np.float64 if torch.float64 in dtypes else np.float32
 
 
-def _set_threads() -> None:
+def _pick_kernel(name: str, numel: int) -> Any:
+    """The threaded kernel, with ``torch.get_num_threads()`` threads, when there is
+    more than one chunk of work to share; its serial twin otherwise."""
     import numba
 
-    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    from . import cpu
+
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if threads < 2 or numel <= cpu.CHUNK:
+        return getattr(cpu, f"{name}_serial")
+    numba.set_num_threads(threads)
+    return getattr(cpu, name)
 
 
 class _Contiguous:
@@ -141,9 +149,6 @@ def _groups(*columns: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
 
 
 def _momentum_cpu(params, grads, buffers, *, lr, momentum, weight_decay, maximize):
-    from .cpu import momentum_kernel
-
-    _set_threads()
     for (p_dtype, g_dtype, b_dtype), idx in _groups(params, grads, buffers).items():
         compute = _compute_dtype(p_dtype, b_dtype)
         theta, grad, buffer = (
@@ -153,12 +158,15 @@ def _momentum_cpu(params, grads, buffers, *, lr, momentum, weight_decay, maximiz
         hyper = np.array(
             [lr, 1.0 - momentum, weight_decay, -1.0 if maximize else 1.0], compute
         )
-        momentum_kernel(
+        chunk_tensor, chunk_start = _chunks(sizes)
+        kernel = _pick_kernel("momentum_kernel", int(sizes.sum()))
+        kernel(
             theta.addresses(),
             grad.addresses(),
             buffer.addresses(),
             sizes,
-            *_chunks(sizes),
+            chunk_tensor,
+            chunk_start,
             hyper,
             _numpy_like(p_dtype),
             _numpy_like(g_dtype),
@@ -186,9 +194,6 @@ def _adam_cpu(
     maximize,
     bias_correction,
 ):
-    from .cpu import adam_kernel
-
-    _set_threads()
     for (p_dtype, g_dtype, s_dtype), idx in _groups(params, grads, exp_avgs).items():
         compute = _compute_dtype(p_dtype, s_dtype)
         columns = [params, grads, exp_avgs, exp_avg_sqs]
@@ -212,14 +217,17 @@ def _adam_cpu(
             ],
             compute,
         )
-        adam_kernel(
+        chunk_tensor, chunk_start = _chunks(sizes)
+        kernel = _pick_kernel("adam_kernel", int(sizes.sum()))
+        kernel(
             theta.addresses(),
             grad.addresses(),
             m.addresses(),
             v.addresses(),
             vmax[0].addresses() if amsgrad else np.zeros(len(idx), np.int64),
             sizes,
-            *_chunks(sizes),
+            chunk_tensor,
+            chunk_start,
             (lr / c1).astype(compute),
             np.sqrt(c2).astype(compute),
             hyper,
@@ -319,14 +327,12 @@ def _dropout(x: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:
         keep = philox.keep_mask(x.numel(), p, seed, offset)
         keep = torch.from_numpy(keep).to(x.device).view(x.shape)
         return torch.where(keep, x * gamma, 0.0)
-    from .cpu import dropout_kernel
-
-    _set_threads()
     x = x.contiguous()
     out = torch.empty_like(x)
     like = _numpy_like(x.dtype)
     compute = _compute_dtype(x.dtype)
-    dropout_kernel(
+    kernel = _pick_kernel("dropout_kernel", x.numel())
+    kernel(
         _as_numpy(x, like),
         _as_numpy(out, like),
         philox.threshold(p),

@@ -22,6 +22,8 @@ Kernels compile on first use and are cached on disk (``cache=True``).
 
 from __future__ import annotations
 
+import types as pytypes
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -347,3 +349,27 @@ def dropout_kernel(x, out, cut, gamma, seed, offset):
             for j in range(stop - full_stop):
                 word = words[0] if j == 0 else words[1] if j == 1 else words[2]
                 _keep_or_zero(x, out, full_stop + j, word, cut64, gamma, zero)
+
+
+# -- serial twins --------------------------------------------------------------------------
+def _serial_twin(
+    kernel: numba.core.registry.CPUDispatcher,
+) -> numba.core.registry.CPUDispatcher:
+    """The same kernel compiled without threads (``prange`` runs as ``range``).
+
+    Small steps take it: waking a thread pool costs more than the work, and
+    much more when torch's own OpenMP threads are still spinning on the cores.
+    It has its own name, so the two never share a cache entry.
+    """
+    source = kernel.py_func
+    twin = pytypes.FunctionType(
+        source.__code__, source.__globals__, f"{source.__name__}_serial"
+    )
+    twin.__qualname__ = f"{source.__qualname__}_serial"
+    twin.__doc__ = source.__doc__
+    return numba.njit(**_JIT)(twin)
+
+
+momentum_kernel_serial = _serial_twin(momentum_kernel)
+adam_kernel_serial = _serial_twin(adam_kernel)
+dropout_kernel_serial = _serial_twin(dropout_kernel)
