@@ -6,13 +6,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .bench import add_bench_parser
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="optiscope",
         description="Momentum, Adam and inverted dropout for PyTorch, measured.",
     )
-    parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_bench_parser(subparsers)
     return parser
 
 
