@@ -315,9 +315,22 @@ def _philox(c0, c1, c2, c3, k0, k1):
     return c0, c1, c2, c3
 
 
+#: Philox blocks generated per batch into a small scratch buffer: the generator
+#: loop then has no data-dependent branch and vectorizes, and the masking loop
+#: reads words in element order.
+_BATCH_BLOCKS = 64
+
+
 @numba.njit(**_JIT)
-def _keep_or_zero(x, out, i, word, cut, gamma, zero):
-    _store(out, i, _load(x, i, gamma) * gamma[0] if word >= cut else zero)
+def _philox_batch(words, first_block, c2, c3, k0, k1):
+    """``words[4b + j]`` = word ``j`` of block ``first_block + b``, stream order."""
+    for b in range(words.size // 4):
+        block = first_block + np.uint64(b)
+        r0, r1, r2, r3 = _philox(block & _LOW32, block >> _U32, c2, c3, k0, k1)
+        words[4 * b] = r0
+        words[4 * b + 1] = r1
+        words[4 * b + 2] = r2
+        words[4 * b + 3] = r3
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -325,30 +338,23 @@ def dropout_kernel(x, out, cut, gamma, seed, offset):
     """``out_i = x_i * gamma`` where Philox word ``r_i >= cut``, else 0.
 
     ``gamma`` is a one-element array in the compute dtype; ``seed`` and ``offset``
-    are uint64, as in :mod:`optiscope.kernels.philox`.
+    are uint64, as in :mod:`optiscope.kernels.philox`. No mask is stored: the
+    words of one batch live in a scratch buffer that stays in L1.
     """
     n = x.size
     k0, k1 = seed & _LOW32, seed >> _U32
     c2, c3 = offset & _LOW32, offset >> _U32
     zero = gamma[0] - gamma[0]
     cut64 = np.uint64(cut)
+    batch = 4 * _BATCH_BLOCKS
     for c in prange((n + CHUNK - 1) // CHUNK):
-        start = c * CHUNK
-        stop = min(start + CHUNK, n)
-        full_stop = start + (stop - start) // 4 * 4
-        for i in range(start, full_stop, 4):
-            block = np.uint64(i >> 2)
-            r0, r1, r2, r3 = _philox(block & _LOW32, block >> _U32, c2, c3, k0, k1)
-            _keep_or_zero(x, out, i, r0, cut64, gamma, zero)
-            _keep_or_zero(x, out, i + 1, r1, cut64, gamma, zero)
-            _keep_or_zero(x, out, i + 2, r2, cut64, gamma, zero)
-            _keep_or_zero(x, out, i + 3, r3, cut64, gamma, zero)
-        if full_stop < stop:
-            block = np.uint64(full_stop >> 2)
-            words = _philox(block & _LOW32, block >> _U32, c2, c3, k0, k1)
-            for j in range(stop - full_stop):
-                word = words[0] if j == 0 else words[1] if j == 1 else words[2]
-                _keep_or_zero(x, out, full_stop + j, word, cut64, gamma, zero)
+        words = np.empty(batch, np.uint64)
+        stop = min((c + 1) * CHUNK, n)
+        for first in range(c * CHUNK, stop, batch):  # CHUNK is a multiple of batch
+            _philox_batch(words, np.uint64(first >> 2), c2, c3, k0, k1)
+            for j in range(min(batch, stop - first)):
+                kept = _load(x, first + j, gamma) * gamma[0]
+                _store(out, first + j, kept if words[j] >= cut64 else zero)
 
 
 # -- serial twins --------------------------------------------------------------------------
