@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from . import _checks
+from . import _checks, kernels
 from ._moments import bias_correction as _bias_correction
 from ._moments import ema_
 from ._optimizer import OptiscopeOptimizer, ParamsT
@@ -178,29 +178,31 @@ class Adam(OptiscopeOptimizer):
 
     def _update_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         beta1, beta2 = group["betas"]
-        for p in params:
-            state = self.state[p]
+        states = [self.state[p] for p in params]
+        for state in states:
             if group["amsgrad"] and "max_exp_avg_sq" not in state:
                 # amsgrad switched on mid-run: the running max starts from the current v.
                 state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
             state["step"] += 1
-            adam_step(
-                p,
-                p.grad,
-                state["exp_avg"],
-                state["exp_avg_sq"],
-                state.get("max_exp_avg_sq") if group["amsgrad"] else None,
-                step=int(state["step"].item()),
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                decoupled_weight_decay=group["decoupled_weight_decay"],
-                amsgrad=group["amsgrad"],
-                maximize=group["maximize"],
-                bias_correction=group["bias_correction"],
-            )
+        # One fused pass over every tensor of the group; adam_step is the
+        # per-tensor statement of the same rule (and the kernels' fallback).
+        kernels.adam_(
+            params,
+            [p.grad for p in params],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
+            [int(s["step"].item()) for s in states],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            amsgrad=group["amsgrad"],
+            maximize=group["maximize"],
+            bias_correction=group["bias_correction"],
+        )
 
 
 class AdamW(Adam):

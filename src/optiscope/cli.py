@@ -6,7 +6,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .bench import add_bench_parser
 from .lab.runner import add_lab_parser
+from .probes.plot import add_plot_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_lab_parser(subparsers)
+    add_bench_parser(subparsers)
+    add_plot_parser(subparsers)
     return parser
 
 

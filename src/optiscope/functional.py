@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks
+from ._dropout_op import draw_seed, philox_dropout
 
 
 def dropout(
@@ -27,8 +28,10 @@ def dropout(
 
     * ``training=False`` or ``p=0``: the identity; no random numbers are drawn.
     * ``p=1``: all zeros (and zero gradient), with no division by zero.
-    * ``generator``: the ``torch.Generator`` the mask is drawn from; the same
-      generator state gives the same mask.
+    * ``generator``: the ``torch.Generator`` one 63-bit seed is drawn from; the
+      mask is Philox4x32-10 of ``(seed, element index)``
+      (:mod:`optiscope.kernels.philox`), so the same generator state gives the
+      same mask on every device, and backward regenerates it instead of saving it.
 
     Dtype, shape and device of ``input`` are preserved.
 
@@ -48,5 +51,5 @@ def dropout(
         return torch.where(
             torch.zeros((), dtype=torch.bool, device=input.device), input, 0.0
         )
-    keep = torch.rand(input.shape, generator=generator, device=input.device) >= p
-    return torch.where(keep, input * (1.0 / (1.0 - p)), 0.0)
+    seed = draw_seed(generator)
+    return philox_dropout(input, p, seed, 0)

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from . import _checks
+from . import _checks, kernels
 from ._moments import ema_
 from ._optimizer import OptiscopeOptimizer, ParamsT
 from ._precision import compute_view
@@ -112,13 +112,14 @@ class Momentum(OptiscopeOptimizer):
         }
 
     def _update_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        for p in params:
-            momentum_step(
-                p,
-                p.grad,
-                self.state[p]["momentum_buffer"],
-                lr=group["lr"],
-                momentum=group["momentum"],
-                weight_decay=group["weight_decay"],
-                maximize=group["maximize"],
-            )
+        # One fused pass over every tensor of the group; momentum_step is the
+        # per-tensor statement of the same rule (and the kernels' fallback).
+        kernels.momentum_(
+            params,
+            [p.grad for p in params],
+            [self.state[p]["momentum_buffer"] for p in params],
+            lr=group["lr"],
+            momentum=group["momentum"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+        )

@@ -1,0 +1,372 @@
+"""The one interface the optimizers and dropout call for their fused, one-pass work.
+
+Four functions, each over whole lists of tensors, in place:
+
+* :func:`momentum_` and :func:`adam_`: the rules of
+  :func:`optiscope.momentum_step` and :func:`optiscope.adam_step`, exactly;
+* :func:`dropout_forward` and :func:`dropout_backward`: inverted dropout with
+  the Philox mask of :mod:`optiscope.kernels.philox`, regenerated, never stored.
+
+Dispatch, per tensor:
+
+* CPU tensors of float64, float32, bfloat16 or float16 go to the numba kernels
+  in :mod:`optiscope.kernels.cpu` (non-contiguous ones by copy-in/copy-out);
+* CUDA tensors go to ``optiscope.kernels.triton_kernels`` (same four names),
+  imported on the first CUDA tensor;
+* anything else takes the per-tensor torch rule, with one warning per
+  device and dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import philox
+
+__all__ = ["adam_", "dropout_backward", "dropout_forward", "momentum_"]
+
+_CPU_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+_warned: set[tuple[str, torch.dtype]] = set()
+
+
+# -- dispatch --------------------------------------------------------------------------
+def _warn_once(device: torch.device, dtype: torch.dtype, why: str) -> None:
+    key = (device.type, dtype)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(
+            f"optiscope has no fused kernel for {dtype} on {device.type} ({why}); "
+            "using the per-tensor torch path",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _triton() -> Any | None:
+    try:
+        from . import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels
+
+
+def _backend(t: torch.Tensor) -> str:
+    """``"cpu"``, ``"cuda"`` or ``"torch"`` (the per-tensor fallback)."""
+    if t.device.type == "cpu" and t.dtype in _CPU_DTYPES:
+        return "cpu"
+    if t.device.type == "cuda" and _triton() is not None:
+        return "cuda"
+    why = "no Triton backend" if t.device.type == "cuda" else "unsupported"
+    _warn_once(t.device, t.dtype, why)
+    return "torch"
+
+
+def _split(columns: Sequence[Sequence[Any]]) -> dict[str, list[int]]:
+    """Indices of the tensors (``columns[0]``) that each backend takes."""
+    routes: dict[str, list[int]] = defaultdict(list)
+    for i, t in enumerate(columns[0]):
+        routes[_backend(t)].append(i)
+    return routes
+
+
+def _pick(column: Sequence[Any] | None, indices: list[int]) -> list[Any] | None:
+    return None if column is None else [column[i] for i in indices]
+
+
+# -- CPU plumbing ------------------------------------------------------------------
+def _numpy_like(dtype: torch.dtype) -> np.ndarray:
+    """An empty array whose dtype tells the kernel how ``dtype`` is stored."""
+    storage = {
+        torch.float64: np.float64,
+        torch.float32: np.float32,
+        torch.bfloat16: np.uint16,  # bits; the kernel converts
+        torch.float16: np.int16,  # bits; the kernel converts
+    }[dtype]
+    return np.empty(0, dtype=storage)
+
+
+def _compute_dtype(*dtypes: torch.dtype) -> type:
+    return np.float64 if torch.float64 in dtypes else np.float32
+
+
+def _pick_kernel(name: str, numel: int) -> Any:
+    """The threaded kernel, with ``torch.get_num_threads()`` threads, when there is
+    more than one chunk of work to share; its serial twin otherwise."""
+    import numba
+
+    from . import cpu
+
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if threads < 2 or numel <= cpu.CHUNK:
+        return getattr(cpu, f"{name}_serial")
+    numba.set_num_threads(threads)
+    return getattr(cpu, name)
+
+
+class _Contiguous:
+    """Contiguous stand-ins for a list of tensors, copied back on ``close``."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self.originals = list(tensors)
+        self.views = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+
+    def addresses(self) -> np.ndarray:
+        return np.fromiter(
+            (t.data_ptr() for t in self.views), np.int64, len(self.views)
+        )
+
+    def close(self) -> None:
+        for original, view in zip(self.originals, self.views, strict=True):
+            if view is not original:
+                original.copy_(view)
+
+
+def _chunks(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(tensor index, first element) of every fixed-size chunk, in order."""
+    from .cpu import CHUNK
+
+    counts = -(-sizes // CHUNK)
+    tensor = np.repeat(np.arange(sizes.size, dtype=np.int64), counts)
+    first_chunk = np.repeat(np.cumsum(counts) - counts, counts)
+    start = (np.arange(tensor.size, dtype=np.int64) - first_chunk) * CHUNK
+    return tensor, start
+
+
+def _groups(*columns: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
+    """Indices of non-empty tensors grouped by the dtypes of their row."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i in range(len(columns[0])):
+        if columns[0][i].numel() > 0:
+            groups[tuple(c[i].dtype for c in columns)].append(i)
+    return groups
+
+
+def _momentum_cpu(params, grads, buffers, *, lr, momentum, weight_decay, maximize):
+    for (p_dtype, g_dtype, b_dtype), idx in _groups(params, grads, buffers).items():
+        compute = _compute_dtype(p_dtype, b_dtype)
+        theta, grad, buffer = (
+            _Contiguous([column[i] for i in idx]) for column in (params, grads, buffers)
+        )
+        sizes = np.array([params[i].numel() for i in idx], dtype=np.int64)
+        hyper = np.array(
+            [lr, 1.0 - momentum, weight_decay, -1.0 if maximize else 1.0], compute
+        )
+        chunk_tensor, chunk_start = _chunks(sizes)
+        kernel = _pick_kernel("momentum_kernel", int(sizes.sum()))
+        kernel(
+            theta.addresses(),
+            grad.addresses(),
+            buffer.addresses(),
+            sizes,
+            chunk_tensor,
+            chunk_start,
+            hyper,
+            _numpy_like(p_dtype),
+            _numpy_like(g_dtype),
+            _numpy_like(b_dtype),
+        )
+        theta.close()
+        buffer.close()
+
+
+def _adam_cpu(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    steps,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    decoupled_weight_decay,
+    amsgrad,
+    maximize,
+    bias_correction,
+):
+    for (p_dtype, g_dtype, s_dtype), idx in _groups(params, grads, exp_avgs).items():
+        compute = _compute_dtype(p_dtype, s_dtype)
+        columns = [params, grads, exp_avgs, exp_avg_sqs]
+        columns += [max_exp_avg_sqs] if amsgrad else []
+        theta, grad, m, v, *vmax = (
+            _Contiguous([column[i] for i in idx]) for column in columns
+        )
+        sizes = np.array([params[i].numel() for i in idx], dtype=np.int64)
+        t = np.array([steps[i] for i in idx], dtype=np.float64)
+        c1 = 1.0 - beta1**t if bias_correction else np.ones_like(t)
+        c2 = 1.0 - beta2**t if bias_correction else np.ones_like(t)
+        hyper = np.array(
+            [
+                1.0 - beta1,
+                beta2,
+                1.0 - beta2,
+                eps,
+                0.0 if decoupled_weight_decay else weight_decay,
+                1.0 - lr * weight_decay if decoupled_weight_decay else 1.0,
+                -1.0 if maximize else 1.0,
+            ],
+            compute,
+        )
+        chunk_tensor, chunk_start = _chunks(sizes)
+        kernel = _pick_kernel("adam_kernel", int(sizes.sum()))
+        kernel(
+            theta.addresses(),
+            grad.addresses(),
+            m.addresses(),
+            v.addresses(),
+            vmax[0].addresses() if amsgrad else np.zeros(len(idx), np.int64),
+            sizes,
+            chunk_tensor,
+            chunk_start,
+            (lr / c1).astype(compute),
+            np.sqrt(c2).astype(compute),
+            hyper,
+            _numpy_like(p_dtype),
+            _numpy_like(g_dtype),
+            _numpy_like(s_dtype),
+            _numpy_like(s_dtype) if amsgrad else None,
+        )
+        for written in (theta, m, v, *vmax):
+            written.close()
+
+
+# -- the interface -------------------------------------------------------------------------
+def momentum_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """:func:`optiscope.momentum_step` on every ``(param, grad, buffer)``, fused."""
+    options = dict(
+        lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize
+    )
+    columns = (params, grads, momentum_buffers)
+    for backend, idx in _split(columns).items():
+        picked = [_pick(c, idx) for c in columns]
+        if backend == "cpu":
+            _momentum_cpu(*picked, **options)
+        elif backend == "cuda":
+            _triton().momentum_(*picked, **options)
+        else:
+            from ..momentum import momentum_step
+
+            for p, g, b in zip(*picked, strict=True):
+                momentum_step(p, g, b, **options)
+
+
+def adam_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    max_exp_avg_sqs: list[torch.Tensor] | None,
+    steps: list[int],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool,
+    maximize: bool,
+    bias_correction: bool,
+) -> None:
+    """:func:`optiscope.adam_step` on every tensor, fused; ``steps[i]`` is its ``t``
+    (already incremented). ``max_exp_avg_sqs`` is needed only with ``amsgrad``."""
+    options = dict(
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        bias_correction=bias_correction,
+    )
+    for backend, idx in _split((params,)).items():
+        picked = [
+            _pick(c, idx)
+            for c in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+        ]
+        if backend == "cpu":
+            _adam_cpu(*picked, **options)
+        elif backend == "cuda":
+            _triton().adam_(*picked, **options)
+        else:
+            from ..adam import adam_step
+
+            p, g, m, v, vmax, t = picked
+            for i in range(len(p)):
+                vmax_i = vmax[i] if amsgrad else None
+                adam_step(p[i], g[i], m[i], v[i], vmax_i, step=t[i], **options)
+
+
+def _dropout(x: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:
+    backend = _backend(x)
+    if backend == "cuda":
+        return _triton().dropout_forward(x, p, seed, offset)
+    gamma = 1.0 / (1.0 - p)
+    if backend == "torch":
+        keep = philox.keep_mask(x.numel(), p, seed, offset)
+        keep = torch.from_numpy(keep).to(x.device).view(x.shape)
+        return torch.where(keep, x * gamma, 0.0)
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    like = _numpy_like(x.dtype)
+    compute = _compute_dtype(x.dtype)
+    kernel = _pick_kernel("dropout_kernel", x.numel())
+    kernel(
+        _as_numpy(x, like),
+        _as_numpy(out, like),
+        philox.threshold(p),
+        np.array([gamma], dtype=compute),
+        np.uint64(seed),
+        np.uint64(offset),
+    )
+    return out
+
+
+def _as_numpy(t: torch.Tensor, like: np.ndarray) -> np.ndarray:
+    bits = {np.dtype(np.uint16): torch.uint16, np.dtype(np.int16): torch.int16}
+    if like.dtype in bits:
+        t = t.view(bits[like.dtype])
+    return t.reshape(-1).numpy()
+
+
+def dropout_forward(x: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:
+    r"""``y = x * (1/(1-p))`` where the Philox word of element ``i`` keeps it, else 0.
+
+    ``0 < p < 1``; ``x`` contiguous; ``0 <= seed < 2^63``. The mask is
+    :func:`optiscope.kernels.philox.keep_mask` of ``x.numel()`` elements, and
+    :math:`\gamma = 1/(1-p)` is rounded to the compute dtype, as ``x * gamma``
+    does in torch.
+    """
+    if not 0.0 < p < 1.0 or math.isnan(p):
+        raise ValueError(f"dropout_forward needs 0 < p < 1, got {p!r}")
+    return _dropout(x, p, seed, offset)
+
+
+def dropout_backward(
+    grad_y: torch.Tensor, p: float, seed: int, offset: int
+) -> torch.Tensor:
+    """The gradient of :func:`dropout_forward`: the same mask and scale on ``grad_y``."""
+    if grad_y.device.type == "cuda" and _triton() is not None:
+        return _triton().dropout_backward(grad_y, p, seed, offset)
+    return dropout_forward(grad_y.contiguous(), p, seed, offset)

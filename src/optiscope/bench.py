@@ -1,0 +1,466 @@
+"""``optiscope bench``: our fused steps and dropout against torch, in one process.
+
+Every case times its variants round-robin (one step of each per round, so
+machine noise hits all of them alike) and reports the median and min–max over
+the rounds. Bandwidth is bytes actually read + written per element over the
+median time; "% triad" compares it with ``a += s*b`` measured in the same rounds.
+Results are data first (``bench.json``); the table is rendered from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import optiscope
+
+#: Bytes read + written per element by one step (fp32): Momentum reads
+#: θ, g, m and writes θ, m; Adam reads θ, g, m, v and writes θ, m, v.
+BYTES_PER_ELEMENT = {"Momentum": 5 * 4, "Adam": 7 * 4, "AdamW": 7 * 4}
+TRIAD_BYTES, COPY_BYTES = 3 * 4, 2 * 4  # a += s*b reads a, b, writes a; copy 1+1
+LR, MOMENTUM = 1e-3, 0.9
+
+
+@dataclass(frozen=True)
+class Case:
+    rule: str  # Momentum, Adam or AdamW
+    numel: int
+    tensors: int
+    threads: int
+
+
+# -- timing ------------------------------------------------------------------------------
+def round_robin(variants: dict[str, Callable[[], Any]], rounds: int) -> dict[str, dict]:
+    """Median and min–max seconds of each variant, timed one after another per round."""
+    for run in variants.values():  # warm-up: compile, allocate state
+        run()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, run in variants.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {
+        name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t)}
+        for name, t in times.items()
+    }
+
+
+def torch_optimizer(rule: str, params: list[torch.Tensor], impl: str):
+    flags = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True)}
+    flags["fused"] = dict(fused=True)
+    if rule == "Momentum":  # the same trajectory, in SGD's summing convention
+        return torch.optim.SGD(
+            params, lr=LR * (1 - MOMENTUM), momentum=MOMENTUM, **flags[impl]
+        )
+    return getattr(torch.optim, rule)(params, lr=LR, **flags[impl])
+
+
+def our_optimizer(rule: str, params: list[torch.Tensor]):
+    if rule == "Momentum":
+        return optiscope.Momentum(params, lr=LR, momentum=MOMENTUM)
+    return getattr(optiscope, rule)(params, lr=LR)
+
+
+def split_sizes(numel: int, tensors: int, seed: int = 0) -> list[int]:
+    """``tensors`` sizes summing to ``numel``, spread over two decades like a model's."""
+    weights = np.random.default_rng(seed).uniform(0.1, 10.0, tensors)
+    sizes = np.floor(weights / weights.sum() * numel).astype(np.int64)
+    sizes[-1] += numel - sizes.sum()
+    return sizes.tolist()
+
+
+def bench_case(case: Case, rounds: int) -> dict[str, Any]:
+    torch.set_num_threads(case.threads)
+    sizes = split_sizes(case.numel, case.tensors)
+    grads = [torch.randn(n) for n in sizes]
+    steps: dict[str, Callable[[], Any]] = {}
+
+    def make(build) -> Callable[[], Any]:
+        params = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g  # read-only in every optimizer: shared to save memory
+        return build(params).step
+
+    for impl in ("for-loop", "foreach", "fused"):
+        steps[f"torch {impl}"] = make(
+            lambda ps, i=impl: torch_optimizer(case.rule, ps, i)
+        )
+    steps["optiscope"] = make(lambda ps: our_optimizer(case.rule, ps))
+    a, b = [torch.randn(n) for n in sizes], [torch.randn(n) for n in sizes]
+
+    def triad() -> None:
+        for x, y in zip(a, b, strict=True):
+            x.add_(y, alpha=0.5)
+
+    steps["triad"] = triad
+    timings = round_robin(steps, rounds)
+    triad_gbs = TRIAD_BYTES * case.numel / timings.pop("triad")["median_s"] / 1e9
+    bytes_moved = BYTES_PER_ELEMENT[case.rule] * case.numel
+    ours, fused = timings["optiscope"]["median_s"], timings["torch fused"]["median_s"]
+    loop = timings["torch for-loop"]["median_s"]
+    for t in timings.values():
+        t["gb_per_s"] = bytes_moved / t["median_s"] / 1e9
+        t["percent_of_triad"] = 100 * t["gb_per_s"] / triad_gbs
+    return {
+        **case.__dict__,
+        "triad_gb_per_s": triad_gbs,
+        "variants": timings,
+        "speedup_vs_fused": fused / ours,
+        "speedup_vs_for_loop": loop / ours,
+    }
+
+
+def bench_bandwidth(numel: int, threads: int, rounds: int) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(numel), torch.randn(numel)
+    timings = round_robin(
+        {"triad": lambda: a.add_(b, alpha=0.5), "copy": lambda: a.copy_(b)}, rounds
+    )
+    return {
+        "numel": numel,
+        "threads": threads,
+        "triad_gb_per_s": TRIAD_BYTES * numel / timings["triad"]["median_s"] / 1e9,
+        "copy_gb_per_s": COPY_BYTES * numel / timings["copy"]["median_s"] / 1e9,
+        "timings": timings,
+    }
+
+
+# -- dropout ------------------------------------------------------------------------------
+def saved_bytes(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> int:
+    """Bytes autograd saves for backward during ``fn(x)``, not counting ``x`` itself."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        if t.data_ptr() != x.data_ptr():
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x)
+    return total
+
+
+def bench_dropout(side: int, threads: int, rounds: int, p: float = 0.5) -> dict:
+    torch.set_num_threads(threads)
+    x = torch.randn(side, side, requires_grad=True)
+    g = torch.randn(side, side)
+    variants = {"torch": F.dropout, "optiscope": optiscope.functional.dropout}
+    steps: dict[str, Callable[[], Any]] = {}
+    for name, fn in variants.items():
+        held: dict[str, torch.Tensor] = {}
+
+        def forward(fn=fn, held=held) -> None:
+            held["y"] = fn(x, p)
+
+        def backward(held=held) -> None:
+            held["y"].backward(g)
+            x.grad = None
+
+        steps[f"{name} forward"], steps[f"{name} backward"] = forward, backward
+    timings = round_robin(steps, rounds)
+    for name in variants:
+        timings[f"{name} forward+backward"] = {
+            "median_s": timings[f"{name} forward"]["median_s"]
+            + timings[f"{name} backward"]["median_s"]
+        }
+    both = "forward+backward"
+    return {
+        "shape": [side, side],
+        "threads": threads,
+        "p": p,
+        "timings": timings,
+        "speedup": timings[f"torch {both}"]["median_s"]
+        / timings[f"optiscope {both}"]["median_s"],
+        "saved_bytes": {
+            n: saved_bytes(lambda h, f=f: f(h, p), x) for n, f in variants.items()
+        },
+    }
+
+
+# -- first step and state_dtype -------------------------------------------------------------
+FIRST_STEP = """
+import time
+start = time.perf_counter()
+import torch, optiscope
+model = torch.nn.Linear(256, 256)
+opt = optiscope.{rule}(model.parameters(), lr=1e-3)
+model(torch.randn(8, 256)).square().mean().backward()
+opt.step()
+print(time.perf_counter() - start)
+"""
+
+
+def first_step_latency(rule: str = "Adam") -> dict[str, float]:
+    """Seconds from ``import optiscope`` to the end of the first step, in a fresh
+    process: with an empty numba cache (a fresh machine), then with it filled."""
+    result = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        for label in ("cold_cache_s", "warm_cache_s"):
+            out = subprocess.run(
+                [sys.executable, "-c", FIRST_STEP.format(rule=rule)],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            result[label] = float(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def state_dtype_accuracy(steps: int, seed: int = 0) -> dict[str, Any]:
+    """An MLP on the embedded digits, trained with Adam keeping its moments in
+    float32 and in bfloat16: same seed, same batches; test accuracy and loss."""
+    data = np.load(Path(__file__).parent / "lab" / "data" / "digits.npz")
+    x = torch.tensor(data["X"], dtype=torch.float32) / 16.0
+    y = torch.tensor(data["y"], dtype=torch.int64)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    train, test = order[:1400], order[1400:]
+    results = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)
+        )
+        opt = optiscope.Adam(model.parameters(), lr=1e-3, state_dtype=dtype)
+        batches = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            batch = train[torch.randint(len(train), (64,), generator=batches)]
+            opt.zero_grad()
+            F.cross_entropy(model(x[batch]), y[batch]).backward()
+            opt.step()
+        with torch.no_grad():
+            logits = model(x[test])
+            results[name] = {
+                "test_accuracy": (logits.argmax(1) == y[test]).float().mean().item(),
+                "test_loss": F.cross_entropy(logits, y[test]).item(),
+            }
+    results["steps"] = steps
+    results["loss_difference"] = (
+        results["bfloat16"]["test_loss"] - results["float32"]["test_loss"]
+    )
+    return results
+
+
+# -- the command ------------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    import numba
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return {
+        "cpu": cpu,
+        "avx512": " avx512f " in flags,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "numba": numba.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "date": date.today().isoformat(),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    quick = args.quick
+    rounds = 3 if quick else args.rounds
+    sizes = [1 << 16] if quick else [10_000_000, 50_000_000]
+    many, count = ((1 << 16), 20) if quick else (10_000_000, 200)
+    threads = [1, 2] if not quick else [min(2, torch.get_num_threads())]
+    default_threads = torch.get_num_threads()
+    cases = [
+        Case(rule, n, 1, t)
+        for n in sizes
+        for t in threads
+        for rule in BYTES_PER_ELEMENT
+    ]
+    cases += [Case(rule, many, count, t) for t in threads for rule in BYTES_PER_ELEMENT]
+    report: dict[str, Any] = {"machine": machine(), "rounds": rounds, "quick": quick}
+    with _progress() as progress:
+        task = progress.add_task("bench", total=len(cases) + len(threads) * 2 + 2)
+        report["bandwidth"] = []
+        for t in threads:
+            report["bandwidth"].append(bench_bandwidth(sizes[0], t, rounds))
+            progress.advance(task)
+        report["optimizers"] = []
+        for case in cases:
+            progress.update(
+                task,
+                description=f"{case.rule} {case.numel:,}×{case.tensors} {case.threads}t",
+            )
+            report["optimizers"].append(bench_case(case, rounds))
+            progress.advance(task)
+        report["dropout"] = []
+        for t in threads:
+            progress.update(task, description=f"dropout {t}t")
+            report["dropout"].append(bench_dropout(128 if quick else 4096, t, rounds))
+            progress.advance(task)
+        torch.set_num_threads(default_threads)
+        progress.update(task, description="first step (fresh process)")
+        report["first_step"] = None if quick else first_step_latency()
+        progress.advance(task)
+        progress.update(task, description="state_dtype on digits")
+        report["state_dtype"] = state_dtype_accuracy(20 if quick else 1500)
+        progress.advance(task)
+    return report
+
+
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, *args: Any, **kwargs: Any) -> int:
+        return 0
+
+    def advance(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _progress():
+    try:
+        from rich.progress import Progress
+    except ImportError:
+        return _NoProgress()
+    return Progress(transient=True)
+
+
+def render(report: dict[str, Any]) -> str:
+    """Markdown tables of a report (what BENCHMARKS.md shows)."""
+
+    def ms(t: dict) -> str:
+        if "min_s" not in t:
+            return f"{t['median_s'] * 1e3:.2f}"
+        return (
+            f"{t['median_s'] * 1e3:.2f} ({t['min_s'] * 1e3:.2f}–{t['max_s'] * 1e3:.2f})"
+        )
+
+    m = report["machine"]
+    lines = [
+        f"Machine: {m['cpu']} ({m['cores']} cores, AVX-512: {m['avx512']}), "
+        f"torch {m['torch']}, numba {m['numba']}, numpy {m['numpy']}, "
+        f"{m['date']}; median (min–max) of {report['rounds']} interleaved rounds.",
+        "",
+        "| threads | triad GB/s | copy GB/s |",
+        "|---|---|---|",
+    ]
+    for b in report["bandwidth"]:
+        lines.append(
+            f"| {b['threads']} | {b['triad_gb_per_s']:.1f} | {b['copy_gb_per_s']:.1f} |"
+        )
+    lines += [
+        "",
+        "| rule | elements × tensors | threads | variant | ms | GB/s | % triad |"
+        " ours vs it |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["optimizers"]:
+        ours = row["variants"]["optiscope"]["median_s"]
+        for name, t in row["variants"].items():
+            vs = "" if name == "optiscope" else f"{t['median_s'] / ours:.2f}×"
+            lines.append(
+                f"| {row['rule']} | {row['numel']:,} × {row['tensors']} | "
+                f"{row['threads']} | {name} | {ms(t)} | {t['gb_per_s']:.1f} | "
+                f"{t['percent_of_triad']:.0f}% | {vs} |"
+            )
+    lines += ["", "| dropout | threads | variant | ms | saved for backward |"]
+    lines.append("|---|---|---|---|---|")
+    for d in report["dropout"]:
+        shape = "×".join(map(str, d["shape"]))
+        for name, t in d["timings"].items():
+            owner = name.split()[0]
+            saved = f"{d['saved_bytes'][owner]:,} B" if "backward" in name else ""
+            lines.append(
+                f"| {shape} p={d['p']} | {d['threads']} | {name} | {ms(t)} | {saved} |"
+            )
+        lines.append(
+            f"| | {d['threads']} | **speedup fwd+bwd** | {d['speedup']:.1f}× | |"
+        )
+    first = report["first_step"]
+    if first is not None:
+        lines += [
+            "",
+            f"First Adam step in a fresh process: {first['cold_cache_s']:.2f} s with an "
+            f"empty numba cache, {first['warm_cache_s']:.2f} s with it filled.",
+        ]
+    s = report["state_dtype"]
+    lines += [
+        "",
+        f"state_dtype on digits (MLP 64-128-10, Adam lr 1e-3, {s['steps']} steps):"
+        f" float32 states {s['float32']['test_accuracy']:.4f} test accuracy /"
+        f" {s['float32']['test_loss']:.4f} loss; bfloat16 states"
+        f" {s['bfloat16']['test_accuracy']:.4f} / {s['bfloat16']['test_loss']:.4f};"
+        f" loss difference {s['loss_difference']:+.4f}.",
+    ]
+    return "\n".join(lines)
+
+
+def handle(args: argparse.Namespace) -> int:
+    report = run(args)
+    args.out.write_text(json.dumps(report, indent=2))
+    text = render(report)
+    try:
+        from rich.console import Console
+        from rich.markdown import Markdown
+
+        Console().print(Markdown(text))
+    except ImportError:
+        print(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="time our fused steps and dropout against torch, write bench.json",
+        description=__doc__.splitlines()[0],
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench.json"),
+        help="where to write the JSON report (default: ./bench.json)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=7,
+        help="interleaved timing rounds per case; the median is reported (default 7)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 2^16 elements, 3 rounds, no fresh-process latency (seconds)",
+    )
+    parser.set_defaults(handler=handle, parser=parser)
