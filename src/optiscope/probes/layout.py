@@ -1,0 +1,57 @@
+r"""What a probed step measures, per tensor, as one row of float64 sums.
+
+A kernel (or the torch fallback) fills one row per parameter tensor in the
+same pass as the update; everything a user sees is derived from these rows on
+the host, so the kernels only ever add, count, and take minima and maxima.
+
+Columns shared by every optimizer:
+
+``numel``, ``sum_grad_sq`` (Σg²), ``sum_update_sq`` (Σ(Δθ)², Δθ the change of the
+stored parameter), ``sum_param_sq`` (Σθ² after the step), ``nonfinite_grads``.
+
+Momentum adds ``sum_grad_dot_prev_m`` (Σ g·m_{t-1}) and ``sum_m_sq`` (Σ m_t²).
+
+Adam adds ``eps_dominated`` (count of √v̂ < ε), ``step_min``/``step_max`` of the
+per-coordinate effective step :math:`s = α/(\sqrt{\hat v}+ε)` and a histogram of
+:math:`s` with one bin per octave: bin ``k`` holds :math:`2^{k-1+E} \le s < 2^{k+E}`,
+with ``E = HIST_MIN_EXP``; bin 0 holds everything below, the last everything above.
+Octaves are read off the float's exponent bits, which costs no logarithm.
+"""
+
+from __future__ import annotations
+
+COMMON = ("numel", "sum_grad_sq", "sum_update_sq", "sum_param_sq", "nonfinite_grads")
+MOMENTUM = (*COMMON, "sum_grad_dot_prev_m", "sum_m_sq")
+
+HIST_MIN_EXP = -40  # 2^-40 ≈ 9e-13
+HIST_MAX_EXP = 24  # 2^24 ≈ 1.7e7, above α/ε for any α ≤ 0.1 and ε ≥ 1e-8
+HIST_BINS = HIST_MAX_EXP - HIST_MIN_EXP + 2  # plus underflow and overflow bins
+ADAM = (
+    *COMMON,
+    "eps_dominated",
+    "step_min",
+    "step_max",
+    *(f"hist{k}" for k in range(HIST_BINS)),
+)
+HIST_START = ADAM.index("hist0")
+
+
+def column(layout: tuple[str, ...], name: str) -> int:
+    return layout.index(name)
+
+
+def octave_bin(value: float) -> int:
+    """The histogram bin of a positive ``value`` (the same rule the kernels apply)."""
+    import math
+
+    if not value > 0:
+        return 0
+    exponent = math.frexp(value)[
+        1
+    ]  # value = f·2^e with 0.5 <= f < 1, so 2^(e-1) <= value
+    return min(max(exponent - HIST_MIN_EXP, 0), HIST_BINS - 1)
+
+
+def bin_edges() -> list[float]:
+    """Lower edges of bins 1..HIST_BINS-1 (bin 0 is everything below the first)."""
+    return [2.0 ** (HIST_MIN_EXP + k - 1) for k in range(1, HIST_BINS)]
