@@ -58,6 +58,9 @@ def test_c1_variance_ratios_match_theory(results) -> None:
         1 / (1 - beta**2), rel=0.15
     )
     assert 0 < n["training_variance_ratio"] < 1
+    # The in-pass probe assumes i.i.d. noise; in training it stays within a factor 2.
+    predicted = (1 - beta) / (1 + beta)
+    assert predicted / 2 < n["training_variance_ratio_probe"] < 2 * predicted
 
 
 def test_c2_momentum_is_smoother_and_never_significantly_worse(results) -> None:
@@ -81,6 +84,12 @@ def test_c3_effective_step_is_alpha_over_sqrt_v(results) -> None:
         n["movement_ratio_rare_over_common_adam"]
         > 2 * n["movement_ratio_rare_over_common_sgd"]
     )
+    # The probe measured the same final step in-pass: same extremes as α/(√v̂+ε).
+    for end in ("min", "max"):
+        assert n[f"probe_effective_step_{end}"] == pytest.approx(
+            n[f"predicted_effective_step_{end}"], rel=1e-4
+        )
+    assert n["probe_effective_step_min"] <= n["probe_effective_step_median"]
 
 
 def test_c4_expectation_within_clt_bounds(results) -> None:
@@ -93,6 +102,10 @@ def test_c4_expectation_within_clt_bounds(results) -> None:
             1 - row["p"]
         )
     assert n["gamma_one_eval_over_train_activation"] == pytest.approx(2.0, rel=0.05)
+    assert (
+        abs(n["probe_keep_rate_in_training_p0.5"] - 0.5)
+        <= 4 * n["probe_keep_rate_sigma"]
+    )
 
 
 def test_c5_eval_is_deterministic(results) -> None:

@@ -8,6 +8,7 @@ from .adam import adam_step as adam_step
 from .dropout import Dropout as Dropout
 from .momentum import Momentum as Momentum
 from .momentum import momentum_step as momentum_step
+from .probes import probe as probe
 
 __version__ = "0.1.0"
 
@@ -19,5 +20,6 @@ __all__ = [
     "adam_step",
     "functional",
     "momentum_step",
+    "probe",
     "reference",
 ]

@@ -9,11 +9,15 @@ closures, hooks, ``state_dict``) comes from ``torch.optim.Optimizer`` itself.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from . import _checks
+
+if TYPE_CHECKING:
+    from .probes import OptimizerProbe
 
 ParamsT = (
     Iterable[torch.Tensor]
@@ -28,9 +32,24 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
     #: Suggested replacement named in the error for sparse gradients.
     _sparse_alternative = "torch.optim.SparseAdam"
 
-    def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+    #: Which per-tensor sums a probed step fills (see :mod:`optiscope.probes.layout`).
+    _probe_layout: tuple[str, ...]
+
+    def __init__(
+        self, params: ParamsT, defaults: dict[str, Any], *, probe: bool = False
+    ) -> None:
         defaults = self._check_group(dict(defaults))
+        self._probe: OptimizerProbe | None = None
         super().__init__(params, defaults)
+        if _checks.flag("probe", probe):
+            from .probes import probe as attach
+
+            attach(self)
+
+    @property
+    def probes(self) -> dict[str, Any] | None:
+        """The latest probe record (per group and per parameter), or None if not probed."""
+        return None if self._probe is None else self._probe.latest
 
     # -- hooks for subclasses -------------------------------------------------
     def _check_group(self, group: dict[str, Any]) -> dict[str, Any]:
@@ -40,7 +59,17 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
     def _init_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _update_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    def _update_group(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        stats: np.ndarray | None,
+    ) -> list[tuple[float, float]] | None:
+        """Update ``params``; with ``stats``, also fill one probe row per tensor.
+
+        Returns what a probe needs beyond the rows (Adam: each tensor's bias
+        corrections), or None.
+        """
         raise NotImplementedError
 
     # -- torch.optim.Optimizer contract -----------------------------------------
@@ -73,13 +102,20 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             self._check_group(dict(group))
         work = [(g, self._params_with_grad(g)) for g in self.param_groups]
-        for group, params in work:
+        probe = self._probe
+        measuring = probe is not None and probe.wants_this_step()
+        for index, (group, params) in enumerate(work):
             if not params:
                 continue
             for p in params:
                 if not self.state[p]:
                     self.state[p].update(self._init_state(p, group))
-            self._update_group(group, params)
+            rows = probe.new_rows(len(params)) if measuring else None
+            extra = self._update_group(group, params, rows)
+            if measuring:
+                probe.add_group(index, group, params, rows, extra)
+        if measuring:
+            probe.finish_step()
         return loss
 
     def _params_with_grad(self, group: dict[str, Any]) -> list[torch.Tensor]:

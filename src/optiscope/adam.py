@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import _checks, kernels
@@ -12,6 +13,7 @@ from ._moments import bias_correction as _bias_correction
 from ._moments import ema_
 from ._optimizer import OptiscopeOptimizer, ParamsT
 from ._precision import compute_view
+from .probes import layout
 
 
 def adam_step(
@@ -96,6 +98,9 @@ class Adam(OptiscopeOptimizer):
     ``weight_decay`` is L2 (added to the gradient) unless
     ``decoupled_weight_decay=True``, which is :class:`AdamW`.
 
+    ``probe=True`` measures every step in the same pass (see
+    :mod:`optiscope.probes`); the latest values are in ``optimizer.probes``.
+
     ``state_dtype`` stores ``exp_avg``/``exp_avg_sq`` in another dtype than the
     parameter (e.g. ``torch.float32`` for bfloat16 weights, or ``torch.bfloat16``
     to halve state memory for float32 weights); the arithmetic is float32 either way.
@@ -110,6 +115,8 @@ class Adam(OptiscopeOptimizer):
         tensor([-0.1000,  0.1000,  0.0000])
     """
 
+    _probe_layout = layout.ADAM
+
     def __init__(
         self,
         params: ParamsT,
@@ -123,6 +130,7 @@ class Adam(OptiscopeOptimizer):
         bias_correction: bool = True,
         *,
         state_dtype: torch.dtype | None = None,
+        probe: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -135,7 +143,7 @@ class Adam(OptiscopeOptimizer):
             bias_correction=bias_correction,
             state_dtype=state_dtype,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, probe=probe)
 
     def _check_group(self, group: dict[str, Any]) -> dict[str, Any]:
         group["lr"] = _checks.non_negative("lr", group["lr"])
@@ -176,14 +184,21 @@ class Adam(OptiscopeOptimizer):
             state["max_exp_avg_sq"] = zeros()
         return state
 
-    def _update_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    def _update_group(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        stats: np.ndarray | None,
+    ) -> list[tuple[float, float]] | None:
         beta1, beta2 = group["betas"]
         states = [self.state[p] for p in params]
         for state in states:
             if group["amsgrad"] and "max_exp_avg_sq" not in state:
                 # amsgrad switched on mid-run: the running max starts from the current v.
                 state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
-            state["step"] += 1
+        counters = [s["step"] for s in states]
+        torch._foreach_add_(counters, 1.0)  # one call, not one per tensor
+        steps = [int(t) for t in torch.stack(counters).tolist()]
         # One fused pass over every tensor of the group; adam_step is the
         # per-tensor statement of the same rule (and the kernels' fallback).
         kernels.adam_(
@@ -192,7 +207,7 @@ class Adam(OptiscopeOptimizer):
             [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states],
             [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
-            [int(s["step"].item()) for s in states],
+            steps,
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
@@ -202,7 +217,13 @@ class Adam(OptiscopeOptimizer):
             amsgrad=group["amsgrad"],
             maximize=group["maximize"],
             bias_correction=group["bias_correction"],
+            stats=stats,
         )
+        if stats is None:
+            return None
+        if not group["bias_correction"]:
+            return [(1.0, 1.0)] * len(steps)
+        return [(_bias_correction(beta1, t), _bias_correction(beta2, t)) for t in steps]
 
 
 class AdamW(Adam):
@@ -224,6 +245,7 @@ class AdamW(Adam):
         bias_correction: bool = True,
         *,
         state_dtype: torch.dtype | None = None,
+        probe: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -236,4 +258,5 @@ class AdamW(Adam):
             maximize=maximize,
             bias_correction=bias_correction,
             state_dtype=state_dtype,
+            probe=probe,
         )

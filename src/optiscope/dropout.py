@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from . import _checks
-from .functional import dropout
+from . import _checks, kernels
+from .functional import _dropout
+
+if TYPE_CHECKING:
+    from .probes import DropoutProbe
 
 
 class Dropout(nn.Module):
@@ -31,9 +36,22 @@ class Dropout(nn.Module):
         super().__init__()
         self.p = _checks.probability("p", p)
         self.generator = generator
+        self._probe: DropoutProbe | None = None  # set by optiscope.probe(module)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return dropout(input, self.p, self.training, generator=self.generator)
+        output, seed = _dropout(input, self.p, self.training, self.generator)
+        probe = self._probe
+        if probe is not None:
+            probe.check_mode(self)
+            if self.training:
+                probe.observe(self, self._kept(input.numel(), seed), input.numel())
+        return output
+
+    def _kept(self, numel: int, seed: int | None) -> int:
+        """Units the last mask kept, recounted from its seed (no mask is stored)."""
+        if seed is None:  # p = 0 keeps all, p = 1 none
+            return numel if self.p == 0.0 else 0
+        return kernels.count_kept(numel, self.p, seed, 0)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

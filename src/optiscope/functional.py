@@ -42,14 +42,22 @@ def dropout(
         >>> sorted(set(y.tolist())) in ([0.0, 2.0], [0.0], [2.0])
         True
     """
+    return _dropout(input, p, training, generator)[0]
+
+
+def _dropout(
+    input: torch.Tensor, p: float, training: bool, generator: torch.Generator | None
+) -> tuple[torch.Tensor, int | None]:
+    """:func:`dropout`, and the Philox seed of its mask (None where none was drawn)."""
     _checks.floating_tensor("input", input)
     p = _checks.probability("p", p)
     training = _checks.flag("training", training)
     if not training or p == 0.0:
-        return input
+        return input, None
     if p == 1.0:
-        return torch.where(
+        zeros = torch.where(
             torch.zeros((), dtype=torch.bool, device=input.device), input, 0.0
         )
+        return zeros, None
     seed = draw_seed(generator)
-    return philox_dropout(input, p, seed, 0)
+    return philox_dropout(input, p, seed, 0), seed

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import _checks, kernels
 from ._moments import ema_
 from ._optimizer import OptiscopeOptimizer, ParamsT
 from ._precision import compute_view
+from .probes import layout
 
 
 def momentum_step(
@@ -68,7 +70,8 @@ class Momentum(OptiscopeOptimizer):
         recursions are linear with the same :math:`\beta`.
 
     Weight decay is L2: :math:`\lambda\theta` is added to the gradient before the
-    average.
+    average. ``probe=True`` measures every step in the same pass, including an
+    estimate of the variance reduction (see :mod:`optiscope.probes.measure`).
 
     Example:
         >>> import torch, optiscope
@@ -80,6 +83,8 @@ class Momentum(OptiscopeOptimizer):
         tensor([0.9900, 0.9900])
     """
 
+    _probe_layout = layout.MOMENTUM
+
     def __init__(
         self,
         params: ParamsT,
@@ -87,11 +92,13 @@ class Momentum(OptiscopeOptimizer):
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         maximize: bool = False,
+        *,
+        probe: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, probe=probe)
 
     def _check_group(self, group: dict[str, Any]) -> dict[str, Any]:
         group["lr"] = _checks.non_negative("lr", group["lr"])
@@ -111,7 +118,12 @@ class Momentum(OptiscopeOptimizer):
             )
         }
 
-    def _update_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    def _update_group(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        stats: np.ndarray | None,
+    ) -> None:
         # One fused pass over every tensor of the group; momentum_step is the
         # per-tensor statement of the same rule (and the kernels' fallback).
         kernels.momentum_(
@@ -122,4 +134,5 @@ class Momentum(OptiscopeOptimizer):
             momentum=group["momentum"],
             weight_decay=group["weight_decay"],
             maximize=group["maximize"],
+            stats=stats,
         )

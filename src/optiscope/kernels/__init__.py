@@ -30,7 +30,7 @@ import torch
 
 from . import philox
 
-__all__ = ["adam_", "dropout_backward", "dropout_forward", "momentum_"]
+__all__ = ["adam_", "count_kept", "dropout_backward", "dropout_forward", "momentum_"]
 
 _CPU_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _warned: set[tuple[str, torch.dtype]] = set()
@@ -250,11 +250,32 @@ def momentum_(
     momentum: float,
     weight_decay: float,
     maximize: bool,
+    stats: np.ndarray | None = None,
 ) -> None:
-    """:func:`optiscope.momentum_step` on every ``(param, grad, buffer)``, fused."""
+    """:func:`optiscope.momentum_step` on every ``(param, grad, buffer)``, fused.
+
+    ``stats``: probe rows (:data:`optiscope.probes.layout.MOMENTUM`) to fill.
+    """
     options = dict(
         lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize
     )
+    if stats is not None:
+        from ..probes import measure
+
+        before = [p.detach().clone() for p in params]
+        previous = [b.clone() for b in momentum_buffers]
+        momentum_(params, grads, momentum_buffers, **options)
+        for i, p in enumerate(params):
+            stats[i] = measure.torch_momentum_row(
+                before[i],
+                p,
+                grads[i],
+                previous[i],
+                momentum_buffers[i],
+                maximize=maximize,
+                weight_decay=weight_decay,
+            )
+        return
     columns = (params, grads, momentum_buffers)
     for backend, idx in _split(columns).items():
         picked = [_pick(c, idx) for c in columns]
@@ -286,9 +307,11 @@ def adam_(
     amsgrad: bool,
     maximize: bool,
     bias_correction: bool,
+    stats: np.ndarray | None = None,
 ) -> None:
     """:func:`optiscope.adam_step` on every tensor, fused; ``steps[i]`` is its ``t``
-    (already incremented). ``max_exp_avg_sqs`` is needed only with ``amsgrad``."""
+    (already incremented). ``max_exp_avg_sqs`` is needed only with ``amsgrad``.
+    ``stats``: probe rows (:data:`optiscope.probes.layout.ADAM`) to fill."""
     options = dict(
         lr=lr,
         beta1=beta1,
@@ -300,6 +323,18 @@ def adam_(
         maximize=maximize,
         bias_correction=bias_correction,
     )
+    if stats is not None:
+        from ..probes import measure
+
+        before = [p.detach().clone() for p in params]
+        adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **options)
+        for i, p in enumerate(params):
+            c2 = 1.0 - beta2 ** steps[i] if bias_correction else 1.0
+            used = max_exp_avg_sqs[i] if amsgrad else exp_avg_sqs[i]
+            stats[i] = measure.torch_adam_row(
+                before[i], p, grads[i], used, lr=lr, eps=eps, correction2=c2
+            )
+        return
     for backend, idx in _split((params,)).items():
         picked = [
             _pick(c, idx)
@@ -348,6 +383,11 @@ def _as_numpy(t: torch.Tensor, like: np.ndarray) -> np.ndarray:
     if like.dtype in bits:
         t = t.view(bits[like.dtype])
     return t.reshape(-1).numpy()
+
+
+def count_kept(numel: int, p: float, seed: int, offset: int) -> int:
+    """How many of ``numel`` elements the Philox mask of ``(seed, offset)`` keeps."""
+    return int(philox.keep_mask(numel, p, seed, offset).sum())
 
 
 def dropout_forward(x: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:

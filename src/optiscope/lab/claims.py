@@ -157,11 +157,11 @@ def claim_momentum_variance(ctx: Context) -> dict[str, Any]:
     predicted_sum = 1 / (1 - beta**2)
 
     # During real training: θ moves, so compare variances inside short windows.
-    training = {}
+    training, probe_series = {}, {}
     train_steps = ctx.pick(300, 800)
     for name, b in (("sgd", 0.0), ("momentum", beta)):
         net = mlp(data, hidden=64, p_drop=0.0, seed=ctx.seed, depth=1)
-        opt = optiscope.Momentum(net.parameters(), lr=0.1, momentum=b)
+        opt = optiscope.Momentum(net.parameters(), lr=0.1, momentum=b, probe=True)
         trajectory = [flat_params(net)]
         train(
             net,
@@ -176,8 +176,10 @@ def claim_momentum_variance(ctx: Context) -> dict[str, Any]:
         )
         updates = -torch.diff(torch.stack(trajectory).double(), dim=0)
         training[name] = _window_variance(updates[50:], window=20)
+        probe_series[name] = opt._probe.history.series("group0", "variance_ratio")
         ctx.advance(0.5 + 0.25 * (1 + (name == "momentum")))
     ratio_training = training["momentum"] / training["sgd"]
+    ratio_probe = probe_series["momentum"][-1]  # the in-pass estimate, end of training
 
     within = abs(ratio_ema / predicted_ema - 1) <= 0.15
     verdict = HOLDS if within and ratio_training < 1 and ratio_sum > 1 else FAILS
@@ -186,7 +188,7 @@ def claim_momentum_variance(ctx: Context) -> dict[str, Any]:
         "verdict": verdict,
         "headline": f"Var ratio at frozen θ {ratio_ema:.4f} (theory {predicted_ema:.4f}); "
         f"torch SGD buffer {ratio_sum:.2f} (theory {predicted_sum:.2f}); "
-        f"in training {ratio_training:.3f}",
+        f"in training {ratio_training:.3f} (probe, in-pass: {ratio_probe:.3f})",
         "criterion": "frozen-θ variance ratio within 15% of (1−β)/(1+β); training ratio < 1; "
         "torch's summing buffer ratio > 1",
         "numbers": {
@@ -196,6 +198,7 @@ def claim_momentum_variance(ctx: Context) -> dict[str, Any]:
             "frozen_variance_ratio_torch_sgd_buffer": _round(ratio_sum),
             "predicted_ratio_torch_sgd_buffer": _round(predicted_sum),
             "training_variance_ratio": _round(ratio_training),
+            "training_variance_ratio_probe": _round(ratio_probe),
             "frozen_steps": steps,
             "training_steps": train_steps,
         },
@@ -222,7 +225,18 @@ def claim_momentum_variance(ctx: Context) -> dict[str, Any]:
                     {"label": "measured, torch SGD", "x": [beta], "y": [ratio_sum]},
                 ],
             ),
+            _line(
+                "Probe: in-pass estimate of Var(m)/Var(g) during training",
+                "step",
+                "Var(m) / Var(g)  (lower is smoother)",
+                [
+                    _series("momentum β=0.9 (probe)", probe_series["momentum"]),
+                    _series("theory for i.i.d. noise", [predicted_ema] * train_steps),
+                ],
+                logy=True,
+            ),
         ],
+        "series": {"momentum_probe_variance_ratio": probe_series["momentum"]},
     }
 
 
@@ -253,7 +267,10 @@ def claim_low_variance_helps(ctx: Context) -> dict[str, Any]:
             runs[name, rate] = []
             for i in range(seeds):
                 net = mlp(data, hidden=64, p_drop=0.0, seed=ctx.seed + 100 + i, depth=1)
-                opt = optiscope.Momentum(net.parameters(), lr=rate, momentum=beta)
+                watched = rate == curve_rate and i == 0
+                opt = optiscope.Momentum(
+                    net.parameters(), lr=rate, momentum=beta, probe=watched
+                )
                 history = train(
                     net,
                     opt,
@@ -268,6 +285,11 @@ def claim_low_variance_helps(ctx: Context) -> dict[str, Any]:
                         "final_train_loss": full_loss(net, data.x_train, data.y_train),
                         "val_accuracy": accuracy(net, data.x_val, data.y_val),
                         "curve": history.train_loss,
+                        "update_to_weight": opt._probe.history.series(
+                            "group0", "update_to_weight"
+                        )
+                        if watched
+                        else [],
                     }
                 )
                 done += 1
@@ -364,12 +386,26 @@ def claim_low_variance_helps(ctx: Context) -> dict[str, Any]:
             "big_rock_verdict": rock_verdict,
         },
         "series": {
-            f"{name}_lr{curve_rate}_seed0_train_loss": runs[name, curve_rate][0][
-                "curve"
-            ]
+            f"{name}_lr{curve_rate}_seed0_{key}": runs[name, curve_rate][0][key]
             for name in ("sgd", "momentum")
+            for key in ("curve", "update_to_weight")
         },
         "figures": [
+            _line(
+                f"Probe: update-to-weight ratio per step at lr={curve_rate}",
+                "step",
+                "RMS(Δθ) / RMS(θ)  (log; rule of thumb ≈ 1e-3)",
+                [
+                    _series(
+                        "SGD (β=0)", runs["sgd", curve_rate][0]["update_to_weight"]
+                    ),
+                    _series(
+                        "momentum (β=0.9)",
+                        runs["momentum", curve_rate][0]["update_to_weight"],
+                    ),
+                ],
+                logy=True,
+            ),
             _line(
                 f"Full training loss per step at lr={curve_rate}, equal effective step",
                 "step",
@@ -430,7 +466,7 @@ def claim_adam_small_v(ctx: Context) -> dict[str, Any]:
         first = net[0].weight
         start = first.detach().clone()
         opt = (
-            optiscope.Adam(net.parameters(), lr=1e-3)
+            optiscope.Adam(net.named_parameters(), lr=1e-3, probe=True)
             if name == "adam"
             else optiscope.Momentum(net.parameters(), lr=0.1, momentum=0.0)
         )
@@ -470,6 +506,7 @@ def claim_adam_small_v(ctx: Context) -> dict[str, Any]:
     rho_step = float(
         spearmanr(v_hat[usable].flatten(), measured[usable].flatten()).statistic
     )
+    probed = final_opt.probes["params"]["0.weight"]  # the same step, measured in-pass
     ctx.advance(1.0)
 
     sample = torch.nonzero(usable.flatten()).flatten()[
@@ -497,6 +534,12 @@ def claim_adam_small_v(ctx: Context) -> dict[str, Any]:
             "median_relative_deviation_from_alpha_over_sqrt_v_plus_eps": _round(
                 deviation
             ),
+            "probe_effective_step_min": _round(probed["step_min"]),
+            "probe_effective_step_median": _round(probed["step_median"]),
+            "probe_effective_step_max": _round(probed["step_max"]),
+            "predicted_effective_step_min": _round(predicted.min().item()),
+            "predicted_effective_step_max": _round(predicted.max().item()),
+            "probe_eps_dominated_fraction": _round(probed["eps_dominated_fraction"]),
         },
         "figures": [
             {
@@ -542,7 +585,8 @@ def claim_adam_small_v(ctx: Context) -> dict[str, Any]:
 
 # -- shared by C4–C6: nets trained with and without dropout --------------------------------
 
-_NETS: dict[tuple, tuple[nn.Module, list[float]]] = {}
+_NETS: dict[tuple, nn.Module] = {}
+_KEEP_RATES: dict[tuple, tuple[float, int]] = {}  # keep rate seen by the probes, units
 
 
 def _trained(ctx: Context, p: float, seed: int, gamma_one: bool = False) -> nn.Module:
@@ -550,16 +594,31 @@ def _trained(ctx: Context, p: float, seed: int, gamma_one: bool = False) -> nn.M
     key = (ctx.data.sha256, ctx.quick, p, seed, gamma_one)
     if key not in _NETS:
         net = mlp(ctx.data, hidden=256, p_drop=p, seed=seed)
-        if (
-            gamma_one
-        ):  # classic, non-inverted dropout: keep d∘h, do not scale by 1/(1−p)
+        if gamma_one:  # classic, non-inverted dropout: keep d∘h, no 1/(1−p)
             for i, layer in enumerate(net):
                 if isinstance(layer, optiscope.Dropout):
                     net[i] = _UnscaledDropout(p)
+        probes = optiscope.probe(net) if 0 < p < 1 and not gamma_one else []
         opt = optiscope.Adam(net.parameters(), lr=1e-3)
         train(net, opt, ctx.data, steps=ctx.pick(500, 1500), batch=32, seed=seed + 1)
+        kept = sum(
+            r["modules"][pr.name]["keep_rate"] * r["modules"][pr.name]["numel"]
+            for pr in probes
+            for r in pr.history.records
+        )
+        seen = sum(
+            r["modules"][pr.name]["numel"] for pr in probes for r in pr.history.records
+        )
+        optiscope.probes.remove(net)  # Monte-Carlo passes later run dropout on purpose
         _NETS[key] = net
+        _KEEP_RATES[key] = (kept / seen if seen else math.nan, seen)
     return _NETS[key]
+
+
+def _observed_keep_rate(ctx: Context, p: float, seed: int) -> tuple[float, int]:
+    """What the Dropout probes saw while :func:`_trained` trained that net."""
+    _trained(ctx, p, seed)
+    return _KEEP_RATES[(ctx.data.sha256, ctx.quick, p, seed, False)]
 
 
 class _UnscaledDropout(nn.Module):
@@ -628,14 +687,19 @@ def claim_dropout_expectation(ctx: Context) -> dict[str, Any]:
         for r in rows
     )
     ok = ok and all(abs(r["fraction_abs_z_over_1.96"] - 0.05) < 0.03 for r in rows)
+    # The Dropout probes counted the kept units of every training pass: Binomial(n, 1-p).
+    keep_rate, units_seen = _observed_keep_rate(ctx, 0.5, ctx.seed + 500)
+    keep_sigma = math.sqrt(0.25 / units_seen)
+    ok = ok and abs(keep_rate - 0.5) <= 4 * keep_sigma
     worst = max(rows, key=lambda r: abs(r["mean_ratio_inverted"] - 1))
     return {
         "verdict": HOLDS if ok else FAILS,
         "headline": f"E[h_drop]/h within {abs(worst['mean_ratio_inverted'] - 1):.1e} of 1 "
         f"(p={worst['p']}, SE {worst['aggregate_standard_error']:.1e}); γ=1 shifts eval "
         f"×{shift:.3f}",
-        "criterion": "E[h_drop]/h within 4 CLT standard errors of 1 for every p, and the "
-        "per-unit z-scores exceed 1.96 about 5% of the time (±3 points)",
+        "criterion": "E[h_drop]/h within 4 CLT standard errors of 1 for every p, the "
+        "per-unit z-scores exceed 1.96 about 5% of the time (±3 points), and the keep "
+        "rate the Dropout probes saw in training is within 4σ of 1 − p",
         "numbers": {
             "draws_per_unit": draws,
             "units": int(positive.sum()),
@@ -644,6 +708,9 @@ def claim_dropout_expectation(ctx: Context) -> dict[str, Any]:
             "gamma_one_predicted_shift": 2.0,
             "val_accuracy_inverted_dropout": _round(acc_inverted),
             "val_accuracy_gamma_one_unrescaled": _round(acc_classic),
+            "probe_keep_rate_in_training_p0.5": _round(keep_rate),
+            "probe_keep_rate_sigma": _round(keep_sigma),
+            "probe_units_seen": units_seen,
         },
         "figures": [
             _line(

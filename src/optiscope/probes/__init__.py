@@ -43,6 +43,7 @@ __all__ = [
     "OptimizerProbe",
     "TensorBoardSink",
     "probe",
+    "remove",
 ]
 
 
@@ -225,3 +226,16 @@ def probe(
     raise TypeError(
         f"probe() takes an optiscope optimizer or an nn.Module, got {type(target).__name__}"
     )
+
+
+def remove(target: torch.optim.Optimizer | nn.Module) -> None:
+    """Turn probes off again (closing their sinks); a no-op where none is attached."""
+    from ..dropout import Dropout
+
+    modules = target.modules() if isinstance(target, nn.Module) else [target]
+    for obj in modules:
+        if isinstance(obj, (Dropout, torch.optim.Optimizer)) and getattr(
+            obj, "_probe", None
+        ):
+            obj._probe.close()
+            obj._probe = None
