@@ -196,3 +196,27 @@ def test_cuda_matches_cpu(config: Config) -> None:
     train_steps(gpu, opts[1], 5, seed=1)
     for a, b in zip(cpu.parameters(), gpu.parameters(), strict=True):
         assert torch.allclose(a, b.cpu(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("param_dtype", "state_dtype"),
+    [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)],
+)
+def test_state_dtype_survives_a_checkpoint_bit_for_bit(
+    param_dtype, state_dtype
+) -> None:
+    """torch's load_state_dict casts states to the parameter dtype; ours must not."""
+    w = torch.nn.Parameter(torch.linspace(-1, 1, 7, dtype=param_dtype))
+    opt = optiscope.Adam([w], lr=1e-2, state_dtype=state_dtype)
+    for _ in range(3):
+        w.grad = torch.linspace(0.1, 1, 7, dtype=param_dtype)
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    clone = optiscope.Adam([torch.nn.Parameter(w.detach().clone())], lr=1e-2)
+    clone.load_state_dict(torch.load(buffer, weights_only=True))
+    (restored,) = clone.state.values()
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert restored[key].dtype == state_dtype
+        assert torch.equal(restored[key], opt.state[w][key])

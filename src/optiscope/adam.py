@@ -167,6 +167,29 @@ class Adam(OptiscopeOptimizer):
             )
         return group
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, keeping ``state_dtype``.
+
+        torch casts every floating-point state to its parameter's dtype on load,
+        which would round float32 moments of a bfloat16 parameter to bfloat16;
+        the moments of groups with a ``state_dtype`` are restored from the saved
+        tensors instead.
+        """
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        for group, saved_group in zip(
+            self.param_groups, state_dict["param_groups"], strict=True
+        ):
+            dtype = group.get("state_dtype")
+            if dtype is None:
+                continue
+            for param, key in zip(group["params"], saved_group["params"], strict=True):
+                for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                    if name in saved.get(key, {}):
+                        self.state[param][name] = saved[key][name].to(
+                            device=param.device, dtype=dtype, copy=True
+                        )
+
     def _init_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         dtype = group["state_dtype"] or param.dtype
 
