@@ -47,23 +47,23 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=str)
-def test_float64_trajectory_matches_reference_over_1000_steps(config: Config) -> None:
-    """Free-running: 1000 steps in float64 stay within 1e-12 of the oracle."""
+def float64_trajectory_error(config: Config) -> float:
+    """Free-running: the worst relative error after 1000 float64 steps."""
     params = make_params(torch.float64)
     initial = [p.detach().numpy().copy() for p in params]
     grads = gradient_sequence(1000)
     run_optimizer(config, params, grads, torch.float64)
+    worst = 0.0
     for i, p in enumerate(params):
         ref = ReferenceRun(config, initial[i])
         for step_grads in grads:
             expected = ref.step(step_grads[i])
-        assert relative_error(p.detach().numpy(), expected) <= 1e-12
+        worst = max(worst, relative_error(p.detach().numpy(), expected))
+    return worst
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=str)
-def test_float32_steps_match_reference_over_1000_steps(config: Config) -> None:
-    """Each float32 step, from the optimizer's own state, is within 1e-5 of the oracle.
+def float32_step_error(config: Config) -> float:
+    """The worst relative error of one float32 step, over 1000 steps.
 
     The oracle restarts from our state every step, so this measures the rule's
     rounding, not the random walk that float32 rounding makes over 1000 steps.
@@ -71,6 +71,7 @@ def test_float32_steps_match_reference_over_1000_steps(config: Config) -> None:
     params = make_params(torch.float32)
     opt = config.cls(params, **config.options)
     refs = [ReferenceRun(config, p.detach().double().numpy()) for p in params]
+    worst = 0.0
     for step_grads in gradient_sequence(1000):
         for p, g, ref in zip(params, step_grads, refs, strict=True):
             p.grad = torch.as_tensor(g, dtype=torch.float32)
@@ -78,11 +79,12 @@ def test_float32_steps_match_reference_over_1000_steps(config: Config) -> None:
             ref.step(p.grad.double().numpy())
         opt.step()
         for p, ref in zip(params, refs, strict=True):
-            assert relative_error(p.detach().double().numpy(), ref.theta) <= 1e-5
+            worst = max(worst, relative_error(p.detach().double().numpy(), ref.theta))
+    return worst
 
 
-@pytest.mark.parametrize("config", [c for c in CONFIGS if c.torch_equivalent], ids=str)
-def test_matches_torch_over_100_steps(config: Config) -> None:
+def torch_error(config: Config) -> float:
+    """The worst relative error against the torch equivalent after 100 float32 steps."""
     torch_cls, torch_options = config.torch_equivalent
     ours, theirs = make_params(torch.float32), make_params(torch.float32)
     grads = gradient_sequence(100)
@@ -90,20 +92,30 @@ def test_matches_torch_over_100_steps(config: Config) -> None:
     run_optimizer(
         Config("torch", torch_cls, torch_options), theirs, grads, torch.float32
     )
-    for a, b in zip(ours, theirs, strict=True):
-        assert (
-            relative_error(a.detach().double().numpy(), b.detach().double().numpy())
-            <= 1e-6
-        )
+    return max(
+        relative_error(a.detach().double().numpy(), b.detach().double().numpy())
+        for a, b in zip(ours, theirs, strict=True)
+    )
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_float64_trajectory_matches_reference_over_1000_steps(config: Config) -> None:
+    assert float64_trajectory_error(config) <= 1e-12
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_float32_steps_match_reference_over_1000_steps(config: Config) -> None:
+    assert float32_step_error(config) <= 1e-5
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.torch_equivalent], ids=str)
+def test_matches_torch_over_100_steps(config: Config) -> None:
+    assert torch_error(config) <= 1e-6
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
 def test_state_keys_follow_torch(config: Config) -> None:
     params = make_params(torch.float32)
-    run_optimizer(config, params, gradient_sequence(1), torch.float32)
-    opt_state = config.cls(params, **config.options)
-    run_optimizer(config, params, gradient_sequence(1), torch.float32)
-    del opt_state
     opt = config.cls(params, **config.options)
     for p in params:
         p.grad = torch.ones_like(p)
