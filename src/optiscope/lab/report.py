@@ -124,6 +124,7 @@ def render(document: dict[str, Any], pngs: dict[str, bytes]) -> str:
   <p><b>Method.</b> {html.escape(result["method"])}</p>
   <p><b>Criterion.</b> {html.escape(result["criterion"])}</p>
   <p><b>Measured.</b> {html.escape(result["headline"])}</p>
+  {f"<p><b>Reading.</b> {html.escape(result['note'])}</p>" if "note" in result else ""}
   <div class="figures">{images}</div>
   {_numbers_html(result["numbers"])}
 </section>""")
