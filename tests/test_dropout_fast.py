@@ -98,3 +98,44 @@ def test_numpy_reference_matches_the_kernel_on_odd_offsets() -> None:
     cut = philox.threshold(0.5)
     y = kernels.dropout_forward(torch.ones(9), 0.5, 7, 2**40 + 1)
     assert np.array_equal((y != 0).numpy(), words >= cut)
+
+
+@pytest.mark.parametrize("numel", [1, 3, 5, 1001, 3 * (1 << 16) + 7, 5 * (1 << 16) + 2])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("seed", [0, SEED])
+def test_count_kept_is_the_reference_mask_sum(numel, p, seed) -> None:
+    """count_kept counts the very mask that dropout_forward applies."""
+    offset = (1 << 32) + 5
+    expected = philox.keep_mask(numel, p, seed, offset).sum()
+    assert kernels.count_kept(numel, p, seed, offset) == expected
+
+
+def test_count_kept_is_identical_across_thread_counts() -> None:
+    before = torch.get_num_threads()
+    try:
+        counts = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            counts.append(kernels.count_kept(5 * (1 << 16) + 3, 0.3, SEED, 9))
+    finally:
+        torch.set_num_threads(before)
+    assert counts[0] == counts[1]
+
+
+def test_count_kept_edge_cases() -> None:
+    assert kernels.count_kept(0, 0.5, SEED, 0) == 0
+    assert kernels.count_kept(1001, 0.0, SEED, 0) == 1001
+    assert kernels.count_kept(1001, 1.0, SEED, 0) == 0
+
+
+@pytest.mark.parametrize(
+    ("numel", "p", "message"),
+    [
+        (10, 1.5, "count_kept needs 0 <= p <= 1, got 1.5"),
+        (10, float("nan"), "count_kept needs 0 <= p <= 1, got nan"),
+        (-1, 0.5, "count_kept needs numel >= 0, got -1"),
+    ],
+)
+def test_count_kept_rejects_bad_input(numel, p, message) -> None:
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        kernels.count_kept(numel, p, SEED, 0)

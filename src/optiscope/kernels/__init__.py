@@ -1,16 +1,18 @@
 """The one interface the optimizers and dropout call for their fused, one-pass work.
 
-Four functions, each over whole lists of tensors, in place:
+Five functions:
 
 * :func:`momentum_` and :func:`adam_`: the rules of
   :func:`optiscope.momentum_step` and :func:`optiscope.adam_step`, exactly;
 * :func:`dropout_forward` and :func:`dropout_backward`: inverted dropout with
-  the Philox mask of :mod:`optiscope.kernels.philox`, regenerated, never stored.
+  the Philox mask of :mod:`optiscope.kernels.philox`, regenerated, never stored;
+* :func:`count_kept`: how many elements that mask keeps, for probes (CPU only).
 
 Dispatch, per tensor:
 
 * CPU tensors of float64, float32, bfloat16 or float16 go to the numba kernels
-  in :mod:`optiscope.kernels.cpu` (non-contiguous ones by copy-in/copy-out);
+  in :mod:`optiscope.kernels.cpu` and :mod:`optiscope.kernels.cpu_dropout`
+  (non-contiguous ones by copy-in/copy-out);
 * CUDA tensors go to ``optiscope.kernels.triton_kernels`` (same four names),
   imported on the first CUDA tensor;
 * anything else takes the per-tensor torch rule, with one warning per
@@ -19,7 +21,9 @@ Dispatch, per tensor:
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
@@ -364,9 +368,10 @@ def _dropout(x: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:
         return torch.where(keep, x * gamma, 0.0)
     x = x.contiguous()
     out = torch.empty_like(x)
+    _prefer_huge_pages(out)
     like = _numpy_like(x.dtype)
     compute = _compute_dtype(x.dtype)
-    kernel = _pick_kernel("dropout_kernel", x.numel())
+    kernel = _pick_dropout_kernel("dropout_kernel", x.numel())
     kernel(
         _as_numpy(x, like),
         _as_numpy(out, like),
@@ -376,6 +381,51 @@ def _dropout(x: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:
         np.uint64(offset),
     )
     return out
+
+
+_HUGE_PAGE = 1 << 21
+_MADV_HUGEPAGE = 14
+
+
+@functools.cache
+def _madvise() -> Any | None:
+    """libc's ``madvise``, or None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
+
+
+def _prefer_huge_pages(t: torch.Tensor) -> None:
+    """Ask Linux for 2 MiB pages under a fresh, untouched output.
+
+    A large dropout output is new memory, and on first touch the kernel faults it
+    in 4 KiB page by page: for a 64 MiB tensor that costs as much as the dropout
+    itself. ``MADV_HUGEPAGE`` (honoured where transparent huge pages are
+    ``madvise`` or ``always``) makes it 32 faults. Only advice: the values are
+    unchanged, and a refusal is ignored.
+    """
+    first = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+    stop = (t.data_ptr() + t.numel() * t.element_size()) // _HUGE_PAGE * _HUGE_PAGE
+    madvise = _madvise() if stop - first >= 2 * _HUGE_PAGE else None
+    if madvise is not None:
+        madvise(first, stop - first, _MADV_HUGEPAGE)
+
+
+def _pick_dropout_kernel(name: str, numel: int) -> Any:
+    """:func:`_pick_kernel` for the kernels of :mod:`.cpu_dropout`."""
+    import numba
+
+    from . import cpu_dropout
+
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if threads < 2 or numel <= cpu_dropout.CHUNK:
+        return getattr(cpu_dropout, f"{name}_serial")
+    numba.set_num_threads(threads)
+    return getattr(cpu_dropout, name)
 
 
 def _as_numpy(t: torch.Tensor, like: np.ndarray) -> np.ndarray:
@@ -410,3 +460,27 @@ def dropout_backward(
     if grad_y.device.type == "cuda" and _triton() is not None:
         return _triton().dropout_backward(grad_y, p, seed, offset)
     return dropout_forward(grad_y.contiguous(), p, seed, offset)
+
+
+def count_kept(numel: int, p: float, seed: int, offset: int) -> int:
+    """How many of ``numel`` elements the dropout mask keeps: ``keep_mask(...).sum()``.
+
+    The same Philox words as :func:`dropout_forward` on a tensor of ``numel``
+    elements, generated and compared on the CPU without reading or writing a
+    tensor, so a probe can report the observed keep rate ``count / numel``
+    (expected ``1 - p``). ``0 <= p <= 1``; ``0 <= seed < 2^63``.
+
+    Example:
+        >>> from optiscope.kernels import count_kept, philox
+        >>> kept = count_kept(1000, 0.5, seed=7, offset=0)
+        >>> kept == int(philox.keep_mask(1000, 0.5, seed=7).sum())
+        True
+    """
+    if not 0.0 <= p <= 1.0 or math.isnan(p):
+        raise ValueError(f"count_kept needs 0 <= p <= 1, got {p!r}")
+    if numel < 0:
+        raise ValueError(f"count_kept needs numel >= 0, got {numel!r}")
+    if p == 1.0 or numel == 0:
+        return 0  # the threshold 2^32 does not fit a word; nothing is kept
+    kernel = _pick_dropout_kernel("count_kernel", numel)
+    return int(kernel(numel, philox.threshold(p), np.uint64(seed), np.uint64(offset)))

@@ -288,75 +288,6 @@ def adam_kernel(
             _store(theta, i, th - step_size * update)
 
 
-# -- dropout ---------------------------------------------------------------------------
-_M0 = np.uint64(0xD2511F53)
-_M1 = np.uint64(0xCD9E8D57)
-_W0 = np.uint64(0x9E3779B9)
-_W1 = np.uint64(0xBB67AE85)
-_LOW32 = np.uint64(0xFFFFFFFF)
-_U32 = np.uint64(32)
-_ROUNDS = 10
-
-
-@numba.njit(**_JIT)
-def _philox(c0, c1, c2, c3, k0, k1):
-    """Philox4x32-10 on one counter; words held in uint64 lanes below 2^32."""
-    for _ in range(_ROUNDS):
-        prod0 = _M0 * c0
-        prod1 = _M1 * c2
-        c0, c1, c2, c3 = (
-            (prod1 >> _U32) ^ c1 ^ k0,
-            prod1 & _LOW32,
-            (prod0 >> _U32) ^ c3 ^ k1,
-            prod0 & _LOW32,
-        )
-        k0 = (k0 + _W0) & _LOW32
-        k1 = (k1 + _W1) & _LOW32
-    return c0, c1, c2, c3
-
-
-#: Philox blocks generated per batch into a small scratch buffer: the generator
-#: loop then has no data-dependent branch and vectorizes, and the masking loop
-#: reads words in element order.
-_BATCH_BLOCKS = 64
-
-
-@numba.njit(**_JIT)
-def _philox_batch(words, first_block, c2, c3, k0, k1):
-    """``words[4b + j]`` = word ``j`` of block ``first_block + b``, stream order."""
-    for b in range(words.size // 4):
-        block = first_block + np.uint64(b)
-        r0, r1, r2, r3 = _philox(block & _LOW32, block >> _U32, c2, c3, k0, k1)
-        words[4 * b] = r0
-        words[4 * b + 1] = r1
-        words[4 * b + 2] = r2
-        words[4 * b + 3] = r3
-
-
-@numba.njit(parallel=True, **_JIT)
-def dropout_kernel(x, out, cut, gamma, seed, offset):
-    """``out_i = x_i * gamma`` where Philox word ``r_i >= cut``, else 0.
-
-    ``gamma`` is a one-element array in the compute dtype; ``seed`` and ``offset``
-    are uint64, as in :mod:`optiscope.kernels.philox`. No mask is stored: the
-    words of one batch live in a scratch buffer that stays in L1.
-    """
-    n = x.size
-    k0, k1 = seed & _LOW32, seed >> _U32
-    c2, c3 = offset & _LOW32, offset >> _U32
-    zero = gamma[0] - gamma[0]
-    cut64 = np.uint64(cut)
-    batch = 4 * _BATCH_BLOCKS
-    for c in prange((n + CHUNK - 1) // CHUNK):
-        words = np.empty(batch, np.uint64)
-        stop = min((c + 1) * CHUNK, n)
-        for first in range(c * CHUNK, stop, batch):  # CHUNK is a multiple of batch
-            _philox_batch(words, np.uint64(first >> 2), c2, c3, k0, k1)
-            for j in range(min(batch, stop - first)):
-                kept = _load(x, first + j, gamma) * gamma[0]
-                _store(out, first + j, kept if words[j] >= cut64 else zero)
-
-
 # -- serial twins --------------------------------------------------------------------------
 def _serial_twin(
     kernel: numba.core.registry.CPUDispatcher,
@@ -378,4 +309,3 @@ def _serial_twin(
 
 momentum_kernel_serial = _serial_twin(momentum_kernel)
 adam_kernel_serial = _serial_twin(adam_kernel)
-dropout_kernel_serial = _serial_twin(dropout_kernel)
