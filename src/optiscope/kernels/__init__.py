@@ -435,11 +435,6 @@ def _as_numpy(t: torch.Tensor, like: np.ndarray) -> np.ndarray:
     return t.reshape(-1).numpy()
 
 
-def count_kept(numel: int, p: float, seed: int, offset: int) -> int:
-    """How many of ``numel`` elements the Philox mask of ``(seed, offset)`` keeps."""
-    return int(philox.keep_mask(numel, p, seed, offset).sum())
-
-
 def dropout_forward(x: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:
     r"""``y = x * (1/(1-p))`` where the Philox word of element ``i`` keeps it, else 0.
 
