@@ -7,7 +7,9 @@ Layout shared by every kernel:
   into a typed pointer and ``numba.carray`` into an array, so 200 small tensors
   cost one kernel launch, not 200.
 * **Fixed chunks.** Work is cut into chunks of ``CHUNK`` elements of one tensor,
-  whatever the thread count, and ``prange`` runs over chunks. Every result is
+  whatever the thread count. Optimizer kernels take a range of chunks and are
+  run serially (``nogil``) from a thread pool in :mod:`optiscope.kernels`;
+  dropout still uses ``prange``. Every result is
   elementwise, so it is bitwise identical across runs and thread counts.
   A per-chunk partial sum (issue 5's probes) is one more output array indexed
   by chunk, reduced per tensor in chunk order afterwards: deterministic too.
