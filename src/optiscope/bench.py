@@ -142,6 +142,47 @@ def bench_bandwidth(numel: int, threads: int, rounds: int) -> dict[str, Any]:
     }
 
 
+def bench_probes(numel: int, threads: int, rounds: int) -> dict[str, Any]:
+    """``kernels.adam_`` on one float32 tensor with the probe rows computed in the
+    same pass (``stats=``) and without, interleaved; overhead = on / off - 1."""
+    from optiscope import kernels
+    from optiscope.probes import layout
+
+    torch.set_num_threads(threads)
+    p, g, m, v = (torch.randn(numel) for _ in range(4))
+    v.abs_()
+    options = dict(
+        lr=LR,
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+        decoupled_weight_decay=False,
+        amsgrad=False,
+        maximize=False,
+        bias_correction=True,
+    )
+
+    def step(probed: bool) -> None:
+        stats = None
+        if probed:
+            stats = np.zeros((1, len(layout.ADAM)))
+            stats[0, layout.ADAM.index("step_min")] = np.inf
+            stats[0, layout.ADAM.index("step_max")] = -np.inf
+        kernels.adam_([p], [g], [m], [v], None, [10], **options, stats=stats)
+
+    timings = round_robin(
+        {"probes off": lambda: step(False), "probes on": lambda: step(True)}, rounds
+    )
+    overhead = timings["probes on"]["median_s"] / timings["probes off"]["median_s"]
+    return {
+        "numel": numel,
+        "threads": threads,
+        "timings": timings,
+        "overhead": overhead - 1,
+    }
+
+
 # -- dropout ------------------------------------------------------------------------------
 def saved_bytes(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> int:
     """Bytes autograd saves for backward during ``fn(x)``, not counting ``x`` itself."""
@@ -302,7 +343,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cases += [Case(rule, many, count, t) for t in threads for rule in BYTES_PER_ELEMENT]
     report: dict[str, Any] = {"machine": machine(), "rounds": rounds, "quick": quick}
     with _progress() as progress:
-        task = progress.add_task("bench", total=len(cases) + len(threads) * 2 + 2)
+        task = progress.add_task("bench", total=len(cases) + len(threads) * 3 + 2)
         report["bandwidth"] = []
         for t in threads:
             report["bandwidth"].append(bench_bandwidth(sizes[0], t, rounds))
@@ -314,6 +355,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 description=f"{case.rule} {case.numel:,}×{case.tensors} {case.threads}t",
             )
             report["optimizers"].append(bench_case(case, rounds))
+            progress.advance(task)
+        report["probes"] = []
+        for t in threads:
+            progress.update(task, description=f"Adam probes on/off {t}t")
+            report["probes"].append(bench_probes(sizes[0], t, rounds))
             progress.advance(task)
         report["dropout"] = []
         for t in threads:
@@ -393,6 +439,14 @@ def render(report: dict[str, Any]) -> str:
                 f"{row['threads']} | {name} | {ms(t)} | {t['gb_per_s']:.1f} | "
                 f"{t['percent_of_triad']:.0f}% | {vs} |"
             )
+    lines += ["", "| Adam, probes on vs off | threads | off ms | on ms | overhead |"]
+    lines.append("|---|---|---|---|---|")
+    for r in report.get("probes", []):
+        off, on = r["timings"]["probes off"], r["timings"]["probes on"]
+        lines.append(
+            f"| {r['numel']:,} fp32 | {r['threads']} | {ms(off)} | {ms(on)} | "
+            f"{100 * r['overhead']:+.0f}% |"
+        )
     lines += ["", "| dropout | threads | variant | ms | saved for backward |"]
     lines.append("|---|---|---|---|---|")
     for d in report["dropout"]:

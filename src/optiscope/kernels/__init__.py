@@ -27,6 +27,7 @@ import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -132,15 +133,65 @@ class _Contiguous:
                 original.copy_(view)
 
 
-def _chunks(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(tensor index, first element) of every fixed-size chunk, in order."""
+def _chunks(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tensor index, first element, elements) of every fixed-size chunk, in order."""
     from .cpu import CHUNK
 
     counts = -(-sizes // CHUNK)
     tensor = np.repeat(np.arange(sizes.size, dtype=np.int64), counts)
     first_chunk = np.repeat(np.cumsum(counts) - counts, counts)
     start = (np.arange(tensor.size, dtype=np.int64) - first_chunk) * CHUNK
-    return tensor, start
+    return tensor, start, np.minimum(sizes[tensor] - start, CHUNK)
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _run(kernel: Any, head: tuple, chunk_numel: np.ndarray, tail: tuple) -> None:
+    """``kernel(*head, first, last, *tail)`` over every chunk, the chunks cut into
+    ``torch.get_num_threads()`` contiguous ranges of about equal elements, one per
+    thread (this one included). Results don't depend on the cut: each chunk is
+    computed, and its partial sums written, the same way whichever thread runs it."""
+    global _pool
+    from .cpu import CHUNK
+
+    total = int(chunk_numel.sum())
+    threads = min(torch.get_num_threads(), chunk_numel.size)
+    if threads < 2 or total <= CHUNK:
+        kernel(*head, 0, chunk_numel.size, *tail)
+        return
+    if _pool is None or _pool._max_workers < threads - 1:
+        _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="optiscope")
+    ends = np.cumsum(chunk_numel)
+    cuts = np.searchsorted(ends, total * np.arange(1, threads) / threads) + 1
+    bounds = [0, *cuts.tolist(), chunk_numel.size]
+    futures = [
+        _pool.submit(kernel, *head, bounds[k], bounds[k + 1], *tail)
+        for k in range(1, threads)
+    ]
+    kernel(*head, bounds[0], bounds[1], *tail)
+    for future in futures:
+        future.result()
+
+
+def _fold(
+    stats: np.ndarray, rows: np.ndarray, partials: np.ndarray, chunk_tensor: np.ndarray
+) -> None:
+    """Reduce per-chunk partial rows per tensor, in chunk order, into ``stats[rows]``:
+    sums add, ``step_min``/``step_max`` combine (NaN wins, as in torch)."""
+    from ..probes import layout
+
+    firsts = np.flatnonzero(np.r_[True, chunk_tensor[1:] != chunk_tensor[:-1]])
+    sums = np.add.reduceat(partials, firsts, axis=0)
+    if partials.shape[1] == len(layout.ADAM):
+        low = layout.ADAM.index("step_min")
+        high = layout.ADAM.index("step_max")
+        sums[:, low] = np.minimum.reduceat(partials[:, low], firsts)
+        sums[:, high] = np.maximum.reduceat(partials[:, high], firsts)
+        stats[rows, low] = np.minimum(stats[rows, low], sums[:, low])
+        stats[rows, high] = np.maximum(stats[rows, high], sums[:, high])
+        sums[:, [low, high]] = 0.0
+    stats[rows] += sums
 
 
 def _groups(*columns: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
@@ -152,32 +203,44 @@ def _groups(*columns: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
     return groups
 
 
-def _momentum_cpu(params, grads, buffers, *, lr, momentum, weight_decay, maximize):
+def _momentum_cpu(
+    params, grads, buffers, stats, rows, *, lr, momentum, weight_decay, maximize
+):
+    from . import cpu
+
+    sign = -1.0 if maximize else 1.0
     for (p_dtype, g_dtype, b_dtype), idx in _groups(params, grads, buffers).items():
         compute = _compute_dtype(p_dtype, b_dtype)
         theta, grad, buffer = (
             _Contiguous([column[i] for i in idx]) for column in (params, grads, buffers)
         )
         sizes = np.array([params[i].numel() for i in idx], dtype=np.int64)
-        hyper = np.array(
-            [lr, 1.0 - momentum, weight_decay, -1.0 if maximize else 1.0], compute
-        )
-        chunk_tensor, chunk_start = _chunks(sizes)
-        kernel = _pick_kernel("momentum_kernel", int(sizes.sum()))
-        kernel(
+        hyper = np.array([lr, 1.0 - momentum, weight_decay, sign], compute)
+        chunk_tensor, chunk_start, chunk_numel = _chunks(sizes)
+        probe = None
+        if stats is not None:
+            partials = np.empty((chunk_tensor.size, stats.shape[1]))
+            probe = (partials, np.array([sign, weight_decay]))
+        head = (
             theta.addresses(),
             grad.addresses(),
             buffer.addresses(),
             sizes,
             chunk_tensor,
             chunk_start,
+        )
+        tail = (
             hyper,
             _numpy_like(p_dtype),
             _numpy_like(g_dtype),
             _numpy_like(b_dtype),
+            probe,
         )
+        _run(cpu.momentum_kernel, head, chunk_numel, tail)
         theta.close()
         buffer.close()
+        if probe is not None:
+            _fold(stats, rows[idx], probe[0], chunk_tensor)
 
 
 def _adam_cpu(
@@ -187,6 +250,8 @@ def _adam_cpu(
     exp_avg_sqs,
     max_exp_avg_sqs,
     steps,
+    stats,
+    rows,
     *,
     lr,
     beta1,
@@ -198,6 +263,8 @@ def _adam_cpu(
     maximize,
     bias_correction,
 ):
+    from . import cpu
+
     for (p_dtype, g_dtype, s_dtype), idx in _groups(params, grads, exp_avgs).items():
         compute = _compute_dtype(p_dtype, s_dtype)
         columns = [params, grads, exp_avgs, exp_avg_sqs]
@@ -221,9 +288,14 @@ def _adam_cpu(
             ],
             compute,
         )
-        chunk_tensor, chunk_start = _chunks(sizes)
-        kernel = _pick_kernel("adam_kernel", int(sizes.sum()))
-        kernel(
+        chunk_tensor, chunk_start, chunk_numel = _chunks(sizes)
+        probe = None
+        if stats is not None:
+            partials = np.empty((chunk_tensor.size, stats.shape[1]))
+            unique, inverse = np.unique(c2, return_inverse=True)
+            thresholds = cpu.step_thresholds(lr, eps, unique)[inverse]
+            probe = (partials, np.array([lr, eps]), c2, thresholds)
+        head = (
             theta.addresses(),
             grad.addresses(),
             m.addresses(),
@@ -232,6 +304,8 @@ def _adam_cpu(
             sizes,
             chunk_tensor,
             chunk_start,
+        )
+        tail = (
             (lr / c1).astype(compute),
             np.sqrt(c2).astype(compute),
             hyper,
@@ -239,9 +313,40 @@ def _adam_cpu(
             _numpy_like(g_dtype),
             _numpy_like(s_dtype),
             _numpy_like(s_dtype) if amsgrad else None,
+            probe,
         )
+        _run(cpu.adam_kernel, head, chunk_numel, tail)
         for written in (theta, m, v, *vmax):
             written.close()
+        if probe is not None:
+            _fold(stats, rows[idx], probe[0], chunk_tensor)
+
+
+# -- probes on the torch and Triton paths: from snapshots, in separate passes ------------
+def _check_stats(stats: np.ndarray | None, rows: int, layout_: tuple) -> None:
+    if stats is None:
+        return
+    if not (
+        isinstance(stats, np.ndarray)
+        and stats.dtype == np.float64
+        and stats.shape == (rows, len(layout_))
+    ):
+        raise ValueError(
+            f"stats must be a float64 numpy array of shape ({rows}, {len(layout_)}), "
+            f"got {getattr(stats, 'dtype', type(stats))} "
+            f"{getattr(stats, 'shape', '')}"
+        )
+
+
+def _add_row(stats: np.ndarray, row: int, values: np.ndarray, layout_: tuple) -> None:
+    """Fold one tensor's row into ``stats[row]`` as :func:`_fold` does."""
+    if "step_min" in layout_:
+        low, high = layout_.index("step_min"), layout_.index("step_max")
+        stats[row, low] = np.minimum(stats[row, low], values[low])
+        stats[row, high] = np.maximum(stats[row, high], values[high])
+        values = values.copy()
+        values[[low, high]] = 0.0
+    stats[row] += values
 
 
 # -- the interface -------------------------------------------------------------------------
@@ -258,40 +363,45 @@ def momentum_(
 ) -> None:
     """:func:`optiscope.momentum_step` on every ``(param, grad, buffer)``, fused.
 
-    ``stats``: probe rows (:data:`optiscope.probes.layout.MOMENTUM`) to fill.
+    ``stats``: None, or a float64 array of shape ``(len(params),
+    len(probes.layout.MOMENTUM))``, zeros or earlier sums; row ``i`` gets the sums
+    of tensor ``i`` added. CPU kernels sum in the same pass as the update; the
+    torch and CUDA paths compute the rows from before/after copies, in extra passes.
     """
+    from ..probes import layout, measure
+
+    _check_stats(stats, len(params), layout.MOMENTUM)
     options = dict(
         lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize
     )
-    if stats is not None:
-        from ..probes import measure
-
-        before = [p.detach().clone() for p in params]
-        previous = [b.clone() for b in momentum_buffers]
-        momentum_(params, grads, momentum_buffers, **options)
-        for i, p in enumerate(params):
-            stats[i] = measure.torch_momentum_row(
-                before[i],
-                p,
-                grads[i],
-                previous[i],
-                momentum_buffers[i],
-                maximize=maximize,
-                weight_decay=weight_decay,
-            )
-        return
     columns = (params, grads, momentum_buffers)
     for backend, idx in _split(columns).items():
         picked = [_pick(c, idx) for c in columns]
         if backend == "cpu":
-            _momentum_cpu(*picked, **options)
-        elif backend == "cuda":
+            _momentum_cpu(*picked, stats, np.array(idx, np.int64), **options)
+            continue
+        if stats is not None:
+            before = [p.detach().clone() for p in picked[0]]
+            m_prev = [b.clone() for b in picked[2]]
+        if backend == "cuda":
             _triton().momentum_(*picked, **options)
         else:
             from ..momentum import momentum_step
 
             for p, g, b in zip(*picked, strict=True):
                 momentum_step(p, g, b, **options)
+        if stats is not None:
+            for j, i in enumerate(idx):
+                row = measure.torch_momentum_row(
+                    before[j],
+                    params[i],
+                    grads[i],
+                    m_prev[j],
+                    momentum_buffers[i],
+                    maximize=maximize,
+                    weight_decay=weight_decay,
+                )
+                _add_row(stats, i, row, layout.MOMENTUM)
 
 
 def adam_(
@@ -315,7 +425,17 @@ def adam_(
 ) -> None:
     """:func:`optiscope.adam_step` on every tensor, fused; ``steps[i]`` is its ``t``
     (already incremented). ``max_exp_avg_sqs`` is needed only with ``amsgrad``.
-    ``stats``: probe rows (:data:`optiscope.probes.layout.ADAM`) to fill."""
+
+    ``stats``: None, or a float64 array of shape ``(len(params),
+    len(probes.layout.ADAM))``, pre-initialised (zeros, ``step_min = +inf``,
+    ``step_max = -inf``) or holding earlier rows; row ``i`` gets tensor ``i``'s
+    sums added and its extrema combined. CPU kernels compute them in the same pass
+    as the update; the torch and CUDA paths from before/after copies, in extra
+    passes.
+    """
+    from ..probes import layout, measure
+
+    _check_stats(stats, len(params), layout.ADAM)
     options = dict(
         lr=lr,
         beta1=beta1,
@@ -327,26 +447,17 @@ def adam_(
         maximize=maximize,
         bias_correction=bias_correction,
     )
-    if stats is not None:
-        from ..probes import measure
-
-        before = [p.detach().clone() for p in params]
-        adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **options)
-        for i, p in enumerate(params):
-            c2 = 1.0 - beta2 ** steps[i] if bias_correction else 1.0
-            used = max_exp_avg_sqs[i] if amsgrad else exp_avg_sqs[i]
-            stats[i] = measure.torch_adam_row(
-                before[i], p, grads[i], used, lr=lr, eps=eps, correction2=c2
-            )
-        return
     for backend, idx in _split((params,)).items():
         picked = [
             _pick(c, idx)
             for c in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
         ]
         if backend == "cpu":
-            _adam_cpu(*picked, **options)
-        elif backend == "cuda":
+            _adam_cpu(*picked, stats, np.array(idx, np.int64), **options)
+            continue
+        if stats is not None:
+            before = [p.detach().clone() for p in picked[0]]
+        if backend == "cuda":
             _triton().adam_(*picked, **options)
         else:
             from ..adam import adam_step
@@ -355,6 +466,19 @@ def adam_(
             for i in range(len(p)):
                 vmax_i = vmax[i] if amsgrad else None
                 adam_step(p[i], g[i], m[i], v[i], vmax_i, step=t[i], **options)
+        if stats is not None:
+            for j, i in enumerate(idx):
+                used = max_exp_avg_sqs[i] if amsgrad else exp_avg_sqs[i]
+                row = measure.torch_adam_row(
+                    before[j],
+                    params[i],
+                    grads[i],
+                    used,
+                    lr=lr,
+                    eps=eps,
+                    correction2=1.0 - beta2 ** steps[i] if bias_correction else 1.0,
+                )
+                _add_row(stats, i, row, layout.ADAM)
 
 
 def _dropout(x: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:

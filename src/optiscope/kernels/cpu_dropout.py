@@ -18,11 +18,13 @@ Chunking is :mod:`optiscope.kernels.cpu`'s: fixed ``CHUNK``-element chunks under
 
 from __future__ import annotations
 
+import types as pytypes
+
 import numba
 import numpy as np
 from numba import prange
 
-from .cpu import _JIT, CHUNK, _load, _serial_twin, _store
+from .cpu import _JIT, CHUNK, _load, _store
 
 _M0 = np.uint64(0xD2511F53)
 _M1 = np.uint64(0xCD9E8D57)
@@ -151,6 +153,24 @@ def count_kernel(numel, cut, seed, offset):
             for j in range(stop - tail):
                 kept[c] += words[j] >= cut64
     return kept.sum()
+
+
+def _serial_twin(
+    kernel: numba.core.registry.CPUDispatcher,
+) -> numba.core.registry.CPUDispatcher:
+    """The same kernel compiled without threads (``prange`` runs as ``range``).
+
+    Small tensors take it: waking a thread pool costs more than the work, and
+    much more when torch's own OpenMP threads are still spinning on the cores.
+    It has its own name, so the two never share a cache entry.
+    """
+    source = kernel.py_func
+    twin = pytypes.FunctionType(
+        source.__code__, source.__globals__, f"{source.__name__}_serial"
+    )
+    twin.__qualname__ = f"{source.__qualname__}_serial"
+    twin.__doc__ = source.__doc__
+    return numba.njit(**_JIT)(twin)
 
 
 dropout_kernel_serial = _serial_twin(dropout_kernel)

@@ -1,0 +1,226 @@
+"""Probe rows computed inside the fused kernels against the snapshot oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from configs import CONFIGS, Config
+from test_kernels_cpu import adam_options, momentum_options
+
+import optiscope
+from optiscope import kernels
+from optiscope.probes import layout, measure
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+# 0-dim, vector, non-contiguous, empty, and one over two chunks (> 65,536).
+SHAPES = [(), (7,), (6, 5), (0,), (150_001,)]
+ADAM_SUMS = [layout.ADAM.index(c) for c in ("sum_grad_sq", "sum_update_sq")]
+ADAM_SUMS += [layout.ADAM.index("sum_param_sq")]
+EXTREMA = [layout.ADAM.index("step_min"), layout.ADAM.index("step_max")]
+
+
+def empty_rows(config: Config, n: int) -> np.ndarray:
+    if config.cls is optiscope.Momentum:
+        return np.zeros((n, len(layout.MOMENTUM)))
+    rows = np.zeros((n, len(layout.ADAM)))
+    rows[:, EXTREMA] = [np.inf, -np.inf]
+    return rows
+
+
+def make(dtype: torch.dtype, bad_grads: bool = False, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(shape, scale=1.0):
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(
+            dtype
+        )
+
+    params = [randn(s) for s in SHAPES]
+    params[2] = params[2].t()
+    grads = [randn(p.shape) for p in params]
+    if bad_grads:
+        grads[1][2], grads[4][5], grads[4][70_000] = np.nan, np.inf, -np.inf
+    m = [randn(p.shape, 0.1) for p in params]
+    v = [randn(p.shape, 0.01).abs() for p in params]
+    vmax = [x * 1.5 for x in v]
+    return params, grads, m, v, vmax
+
+
+def probed_step(config: Config, dtype, step: int, tensors, *, oracle: bool):
+    """One kernel step with stats; with ``oracle`` also the snapshot rows."""
+    params, grads, m, v, vmax = tensors
+    rows = empty_rows(config, len(params))
+    before = [p.clone() for p in params]
+    m_prev = [b.clone() for b in m]
+    if config.cls is optiscope.Momentum:
+        options = momentum_options(config)
+        kernels.momentum_(params, grads, m, **options, stats=rows)
+        expected = [
+            measure.torch_momentum_row(
+                before[i],
+                params[i],
+                grads[i],
+                m_prev[i],
+                m[i],
+                maximize=options["maximize"],
+                weight_decay=options["weight_decay"],
+            )
+            for i in range(len(params))
+            if oracle
+        ]
+        return rows, expected
+    options = adam_options(config)
+    used = vmax if options["amsgrad"] else v
+    kernels.adam_(
+        params,
+        grads,
+        m,
+        v,
+        vmax if options["amsgrad"] else None,
+        [step] * len(params),
+        **options,
+        stats=rows,
+    )
+    c2 = 1 - options["beta2"] ** step if options["bias_correction"] else 1.0
+    expected = [
+        measure.torch_adam_row(
+            before[i],
+            params[i],
+            grads[i],
+            used[i],
+            lr=options["lr"],
+            eps=options["eps"],
+            correction2=c2,
+        )
+        for i in range(len(params))
+        if oracle
+    ]
+    return rows, expected
+
+
+def assert_rows_match(config: Config, rows, expected, used) -> None:
+    for i, (row, want) in enumerate(zip(rows, expected, strict=True)):
+        if config.cls is optiscope.Momentum:
+            np.testing.assert_allclose(row, want, rtol=1e-6, atol=1e-12)
+            continue
+        counts = [layout.ADAM.index(c) for c in ("numel", "nonfinite_grads")]
+        counts.append(layout.ADAM.index("eps_dominated"))
+        np.testing.assert_array_equal(row[counts], want[counts])
+        np.testing.assert_allclose(row[ADAM_SUMS], want[ADAM_SUMS], rtol=1e-6)
+        # The oracle's own float64 rounding differs by a few ulp between torch's
+        # vectorized and tail loops, so extrema are equal to 1e-12.
+        np.testing.assert_allclose(row[EXTREMA], want[EXTREMA], rtol=1e-12)
+        ours, theirs = row[layout.HIST_START :], want[layout.HIST_START :]
+        assert ours.sum() == theirs.sum() == row[0]
+        moved = np.abs(ours - theirs).sum() / 2
+        assert moved <= edge_elements(config, used[i]), (i, ours - theirs)
+
+
+def edge_elements(config: Config, v_used: torch.Tensor) -> int:
+    """Elements whose step lies within 1e-12 (relative) of an octave edge: the
+    only ones the oracle's ulp-level rounding can put in the neighbouring bin."""
+    o = adam_options(config)
+    step = o["lr"] / (v_used.double().reshape(-1).sqrt() + o["eps"])
+    _, exponent = torch.frexp(step)
+    mantissa = step / torch.ldexp(torch.ones_like(step), exponent - 1)
+    return int(((mantissa - 1).abs() < 1e-12).sum() + ((2 - mantissa) < 1e-12).sum())
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kernel_rows_match_the_snapshot_oracle(config: Config, dtype) -> None:
+    tensors = make(dtype)
+    for step in (1, 2, 3):
+        rows, expected = probed_step(config, dtype, step, tensors, oracle=True)
+        o = config.options
+        used = tensors[4] if o.get("amsgrad") else tensors[3]
+        assert_rows_match(config, rows, expected, used)
+
+
+@pytest.mark.parametrize(
+    "config", [CONFIGS[0], CONFIGS[4]], ids=["momentum", "adam-amsgrad"]
+)
+def test_non_finite_gradients_are_counted(config: Config) -> None:
+    rows, expected = probed_step(
+        config, torch.float32, 1, make(torch.float32, bad_grads=True), oracle=True
+    )
+    column = layout.MOMENTUM.index("nonfinite_grads")
+    assert rows[:, column].tolist() == [0, 1, 0, 0, 2]
+    assert rows[:, column].tolist() == [e[column] for e in expected]
+    if config.cls is optiscope.Adam:  # a NaN step: NaN extrema, as torch's
+        assert np.isnan(rows[1, EXTREMA]).all()
+        assert np.isnan(expected[1][EXTREMA]).all()
+
+
+def test_rows_add_to_what_the_caller_passed() -> None:
+    config = CONFIGS[3]
+    first, _ = probed_step(config, torch.float32, 1, make(torch.float32), oracle=False)
+    rows = first.copy()
+    tensors = make(torch.float32)
+    params, grads, m, v, _ = tensors
+    kernels.adam_(
+        params, grads, m, v, None, [1] * 5, **adam_options(config), stats=rows
+    )
+    np.testing.assert_array_equal(rows[:, 0], 2 * first[:, 0])
+    np.testing.assert_array_equal(rows[:, EXTREMA], first[:, EXTREMA])
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_stats_bitwise_identical_across_thread_counts(config: Config) -> None:
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 2):
+            torch.set_num_threads(threads)
+            tensors = make(torch.float32)
+            rows = [
+                probed_step(config, torch.float32, t, tensors, oracle=False)[0]
+                for t in (1, 2)
+            ]
+            runs.append(np.stack(rows))
+    finally:
+        torch.set_num_threads(before)
+    for run in runs[1:]:
+        np.testing.assert_array_equal(run.view(np.uint64), runs[0].view(np.uint64))
+
+
+def test_stats_leave_the_update_unchanged() -> None:
+    config = CONFIGS[4]
+    plain, probed = make(torch.bfloat16), make(torch.bfloat16)
+    params, grads, m, v, vmax = plain
+    kernels.adam_(params, grads, m, v, vmax, [1] * 5, **adam_options(config))
+    probed_step(config, torch.bfloat16, 1, probed, oracle=False)
+    written = [0, 2, 3]  # params, m, v
+    for a, b in zip(
+        *([t for k in written for t in run[k]] for run in (plain, probed)), strict=True
+    ):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("config", [CONFIGS[2], CONFIGS[4]], ids=str)
+def test_torch_fallback_rows_equal_the_kernel_rows(config, monkeypatch) -> None:
+    """The fallback fills rows from snapshots; they agree with the in-pass ones."""
+    in_pass, _ = probed_step(
+        config, torch.float64, 1, make(torch.float64), oracle=False
+    )
+    monkeypatch.setattr(kernels, "_backend", lambda t: "torch")
+    snapshot, _ = probed_step(
+        config, torch.float64, 1, make(torch.float64), oracle=False
+    )
+    np.testing.assert_allclose(snapshot, in_pass, rtol=1e-12)
+
+
+def test_stats_of_the_wrong_shape_are_refused() -> None:
+    p, g, b = torch.zeros(3), torch.zeros(3), torch.zeros(3)
+    with pytest.raises(ValueError, match=r"shape \(1, 7\)"):
+        kernels.momentum_(
+            [p],
+            [g],
+            [b],
+            lr=0.1,
+            momentum=0.9,
+            weight_decay=0.0,
+            maximize=False,
+            stats=np.zeros((1, 3)),
+        )
