@@ -498,19 +498,24 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench",
         help="time our fused steps and dropout against torch, write bench.json",
-        description=__doc__.splitlines()[0],
+        description="Time optiscope's fused steps and dropout against torch's "
+        "for-loop, foreach and fused paths, interleaved round-robin in one process; "
+        "print a table and write bench.json.",
     )
     parser.add_argument(
         "--out",
         type=Path,
         default=Path("bench.json"),
+        metavar="FILE",
         help="where to write the JSON report (default: ./bench.json)",
     )
     parser.add_argument(
         "--rounds",
         type=int,
         default=7,
-        help="interleaved timing rounds per case; the median is reported (default 7)",
+        metavar="N",
+        help="interleaved timing rounds per case; the median and min–max are "
+        "reported (default: 7)",
     )
     parser.add_argument(
         "--quick",
