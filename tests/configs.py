@@ -115,6 +115,35 @@ CONFIGS = [
 ]
 
 
+def adam_options(config: Config) -> dict[str, Any]:
+    """The keyword arguments of ``adam_step``/``kernels.adam_`` for an Adam row."""
+    o = config.options
+    beta1, beta2 = o.get("betas", (0.9, 0.999))
+    decoupled = config.cls is optiscope.AdamW
+    return dict(
+        lr=o["lr"],
+        beta1=beta1,
+        beta2=beta2,
+        eps=o.get("eps", 1e-8),
+        weight_decay=o.get("weight_decay", 1e-2 if decoupled else 0.0),
+        decoupled_weight_decay=decoupled,
+        amsgrad=o.get("amsgrad", False),
+        maximize=o.get("maximize", False),
+        bias_correction=o.get("bias_correction", True),
+    )
+
+
+def momentum_options(config: Config) -> dict[str, Any]:
+    """The keyword arguments of ``momentum_step``/``kernels.momentum_``."""
+    o = config.options
+    return dict(
+        lr=o["lr"],
+        momentum=o["momentum"],
+        weight_decay=o.get("weight_decay", 0.0),
+        maximize=o.get("maximize", False),
+    )
+
+
 class ReferenceRun:
     """Replays a config in ``optiscope.reference`` (NumPy float64), one tensor."""
 
@@ -142,36 +171,19 @@ class ReferenceRun:
             self.v_max = f64(state["max_exp_avg_sq"])
 
     def step(self, g: np.ndarray) -> np.ndarray:
-        o = self.config.options
         if self.config.cls is optiscope.Momentum:
             self.theta, self.m = reference.momentum_step(
-                self.theta,
-                self.m,
-                g,
-                lr=o["lr"],
-                momentum=o["momentum"],
-                weight_decay=o.get("weight_decay", 0.0),
-                maximize=o.get("maximize", False),
+                self.theta, self.m, g, **momentum_options(self.config)
             )
             return self.theta
         self.t += 1
-        beta1, beta2 = o.get("betas", (0.9, 0.999))
-        decoupled = self.config.cls is optiscope.AdamW
         self.theta, self.m, self.v, self.v_max = reference.adam_step(
             self.theta,
             self.m,
             self.v,
             g,
             t=self.t,
-            lr=o["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=o.get("eps", 1e-8),
-            weight_decay=o.get("weight_decay", 1e-2 if decoupled else 0.0),
-            decoupled_weight_decay=decoupled,
-            amsgrad=o.get("amsgrad", False),
             v_max=self.v_max,
-            maximize=o.get("maximize", False),
-            bias_correction=o.get("bias_correction", True),
+            **adam_options(self.config),
         )
         return self.theta

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from configs import CONFIGS, Config
+from configs import CONFIGS, Config, adam_options, momentum_options
 
 import optiscope
 from optiscope import kernels
@@ -32,33 +32,6 @@ def make_tensors(dtype: torch.dtype, state_dtype: torch.dtype, seed: int = 0):
     v = [randn(p.shape, state_dtype, 0.1).abs() for p in params]
     vmax = [x * 1.5 for x in v]
     return params, grads, m, v, vmax
-
-
-def adam_options(config: Config) -> dict:
-    o = config.options
-    beta1, beta2 = o.get("betas", (0.9, 0.999))
-    decoupled = config.cls is optiscope.AdamW
-    return dict(
-        lr=o["lr"],
-        beta1=beta1,
-        beta2=beta2,
-        eps=o.get("eps", 1e-8),
-        weight_decay=o.get("weight_decay", 1e-2 if decoupled else 0.0),
-        decoupled_weight_decay=decoupled,
-        amsgrad=o.get("amsgrad", False),
-        maximize=o.get("maximize", False),
-        bias_correction=o.get("bias_correction", True),
-    )
-
-
-def momentum_options(config: Config) -> dict:
-    o = config.options
-    return dict(
-        lr=o["lr"],
-        momentum=o["momentum"],
-        weight_decay=o.get("weight_decay", 0.0),
-        maximize=o.get("maximize", False),
-    )
 
 
 def fused_and_per_tensor(config: Config, dtype, state_dtype, steps: int = 3):

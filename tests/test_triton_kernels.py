@@ -21,7 +21,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from configs import CONFIGS, Config
+from configs import CONFIGS, adam_options, momentum_options
 
 import optiscope
 from optiscope import adam_step, momentum_step, reference
@@ -49,33 +49,6 @@ import triton.language as tl  # noqa: E402
 SHAPES = [(3, 700), (5,), (), (0,), (4, 0)]
 ADAM_CONFIGS = [c for c in CONFIGS if c.cls is not optiscope.Momentum]
 MOMENTUM_CONFIGS = [c for c in CONFIGS if c.cls is optiscope.Momentum]
-
-
-def _adam_options(config: Config) -> dict:
-    o = config.options
-    decoupled = config.cls is optiscope.AdamW
-    beta1, beta2 = o.get("betas", (0.9, 0.999))
-    return dict(
-        lr=o["lr"],
-        beta1=beta1,
-        beta2=beta2,
-        eps=o.get("eps", 1e-8),
-        weight_decay=o.get("weight_decay", 1e-2 if decoupled else 0.0),
-        decoupled_weight_decay=decoupled,
-        amsgrad=o.get("amsgrad", False),
-        maximize=o.get("maximize", False),
-        bias_correction=o.get("bias_correction", True),
-    )
-
-
-def _momentum_options(config: Config) -> dict:
-    o = config.options
-    return dict(
-        lr=o["lr"],
-        momentum=o["momentum"],
-        weight_decay=o.get("weight_decay", 0.0),
-        maximize=o.get("maximize", False),
-    )
 
 
 def _randn(shape, dtype, gen) -> torch.Tensor:
@@ -112,7 +85,7 @@ def _run_adam(config, dtype, state_dtype, steps=3, zero_grads=False):
 
     Tensor ``i`` starts ``i`` steps ahead, so bias corrections differ per tensor.
     """
-    options = _adam_options(config)
+    options = adam_options(config)
     ours = AdamState(dtype, state_dtype, options["amsgrad"])
     theirs = ours.clone()
     gen = torch.Generator().manual_seed(1)
@@ -162,7 +135,7 @@ def test_adam_matches_adam_step(config) -> None:
 @pytest.mark.parametrize("config", ADAM_CONFIGS, ids=str)
 def test_adam_float64_matches_reference(config) -> None:
     """float64 runs in float64: equal to the NumPy reference to 1e-12."""
-    options = _adam_options(config)
+    options = adam_options(config)
     ours, _, history = _run_adam(config, torch.float64, torch.float64)
     start = AdamState(torch.float64, torch.float64, options["amsgrad"])
     keys = ("lr", "beta1", "beta2", "eps", "weight_decay", "decoupled_weight_decay")
@@ -189,7 +162,7 @@ def test_adam_float64_matches_reference(config) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_momentum_matches_momentum_step_and_reference(config, dtype) -> None:
     """momentum_step's steps to rounding; float64 equal to the reference."""
-    options = _momentum_options(config)
+    options = momentum_options(config)
     gen = torch.Generator().manual_seed(2)
     params = [_randn(s, dtype, gen) for s in SHAPES]
     bufs = [torch.zeros_like(p) for p in params]
@@ -238,7 +211,7 @@ def test_momentum_low_precision(dtype) -> None:
     params = [_randn(s, dtype, gen) for s in SHAPES]
     bufs = [torch.zeros_like(p) for p in params]
     theirs, their_bufs = [p.clone() for p in params], [b.clone() for b in bufs]
-    options = _momentum_options(MOMENTUM_CONFIGS[0])
+    options = momentum_options(MOMENTUM_CONFIGS[0])
     grads = _grads(params, gen)
     tk.momentum_(params, grads, bufs, **options)
     for i, g in enumerate(grads):
@@ -252,7 +225,7 @@ def test_float16_zero_gradient_stays_put(config) -> None:
     """A float16 coordinate with zero gradient stays finite (eps, 0/0) and unmoved."""
     ours, _, _ = _run_adam(config, torch.float16, torch.float16, zero_grads=True)
     start = AdamState(torch.float16, torch.float16, False)
-    options = _adam_options(config)
+    options = adam_options(config)
     for p, p0 in zip(ours.params, start.params, strict=True):
         assert torch.isfinite(p).all()
         if options["weight_decay"] == 0.0:
@@ -260,7 +233,7 @@ def test_float16_zero_gradient_stays_put(config) -> None:
 
 
 def test_adam_checks_its_lists() -> None:
-    options = _adam_options(ADAM_CONFIGS[0])
+    options = adam_options(ADAM_CONFIGS[0])
     p = [torch.zeros(3, device=DEVICE)]
     with pytest.raises(ValueError, match="steps"):
         tk.adam_(p, p, p, p, None, [], **options)

@@ -101,20 +101,6 @@ def _compute_dtype(*dtypes: torch.dtype) -> type:
     return np.float64 if torch.float64 in dtypes else np.float32
 
 
-def _pick_kernel(name: str, numel: int) -> Any:
-    """The threaded kernel, with ``torch.get_num_threads()`` threads, when there is
-    more than one chunk of work to share; its serial twin otherwise."""
-    import numba
-
-    from . import cpu
-
-    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    if threads < 2 or numel <= cpu.CHUNK:
-        return getattr(cpu, f"{name}_serial")
-    numba.set_num_threads(threads)
-    return getattr(cpu, name)
-
-
 class _Contiguous:
     """Contiguous stand-ins for a list of tensors, copied back on ``close``."""
 
@@ -540,7 +526,9 @@ def _prefer_huge_pages(t: torch.Tensor) -> None:
 
 
 def _pick_dropout_kernel(name: str, numel: int) -> Any:
-    """:func:`_pick_kernel` for the kernels of :mod:`.cpu_dropout`."""
+    """The ``prange`` kernel of :mod:`.cpu_dropout` with ``torch.get_num_threads()``
+    threads when there is more than one chunk to share; its serial twin otherwise
+    (waking numba's pool costs more than a small tensor's work)."""
     import numba
 
     from . import cpu_dropout
