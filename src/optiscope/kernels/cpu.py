@@ -216,16 +216,18 @@ def _lerp(a, b, weight, one):
 # A probe is None (compiled out: the kernel is the plain update) or a tuple
 # ``(partials, hyper64, ...)``: ``partials[c]`` is chunk ``c``'s row of the
 # layout in :mod:`optiscope.probes.layout`, overwritten by the kernel. With a
-# probe, the update loop also folds each element into a tuple of running sums
-# (:func:`_adam_fold`, :func:`_momentum_fold`), read from registers and from the
-# values it just stored; memory is still crossed once. The fold is compiled with
-# reassociation allowed and inlined, so the loop vectorizes with the sums split
-# across lanes; the flag sits on the fold's own additions only, so the update's
-# arithmetic (and its bits) are those of the unprobed kernel. Counts, the
-# NaN flag and ``v``'s extrema are integer operations on the float's bits
-# (a non-negative double orders like its bits), which vectorize without any
-# float flag. The chunk is updated in blocks of ``BLOCK`` elements so that the
-# histogram's sample (every ``HIST_STRIDE``-th element) is read back from L1.
+# probe, each chunk is updated in blocks of ``BLOCK`` elements and each block's
+# sums are taken while it is still in L1, so memory is still crossed once.
+# Momentum folds every element into a tuple of running sums inside the update
+# loop (:func:`_momentum_fold`). Adam's loop only keeps θ before the step; a
+# read-back of the block (:func:`_adam_sums`) then sums in float64: its wider
+# type would halve the vector width of the update's roots and divisions if
+# fused. Reassociation is allowed on the sums' additions only (:func:`_sum`,
+# a flag on the instruction), so they vectorize across lanes while the update
+# keeps its bits. Counts and ``v``'s extrema work on the float's bits (a
+# non-negative double orders like its bits), which needs no float flag. The
+# histogram bins a sample, every ``HIST_STRIDE``-th element, by table
+# (:func:`step_bins`): no root or division per element.
 
 #: Elements per probed block: θ, g, m and v of a block fit in L1.
 BLOCK = 2048
@@ -496,10 +498,19 @@ def _adam_block_overload(probe, before, c, tensor, theta, grad, v_used, lo, hype
             for i in range(v_used.size):
                 dominated += 1 if _load(v_used, i, hyper) < below else 0
             row[5] += dominated
+        table = probe[6][tensor]
+        bins, cuts = probe[4][table], probe[5][table]
         first = (HIST_STRIDE - lo % HIST_STRIDE) % HIST_STRIDE
         for i in range(first, v_used.size, HIST_STRIDE):
             v = np.float64(_load(v_used, i, hyper))
-            row[HIST_START + _octave(lr / (np.sqrt(v / correction2) + eps))] += 1.0
+            bits = _double_bits(v)
+            top = bits >> _EXPONENT
+            k = bins[top]
+            if k < 0:  # a range :func:`step_bins` leaves to the exact formula
+                k = _octave(lr / (np.sqrt(v / correction2) + eps))
+            elif bits >= cuts[top]:
+                k -= 1
+            row[HIST_START + k] += 1.0
 
     return block_end
 
@@ -520,19 +531,68 @@ def step_thresholds(lr: float, eps: float, correction2: np.ndarray) -> np.ndarra
     edge ``2^(k-1+HIST_MIN_EXP)``. Found by bisection over the bits of
     non-negative doubles (ordered like the doubles), evaluating ``s`` with the
     same float64 operations as the oracle, so the counts are exact."""
-    c2 = np.asarray(correction2, np.float64)[:, None]
+    c2 = np.ascontiguousarray(correction2, np.float64)
     edges = 2.0 ** (np.arange(HIST_BINS) - 1 + HIST_MIN_EXP)
-    low = np.zeros((c2.shape[0], HIST_BINS), np.uint64)
-    high = np.full_like(low, _INF_BITS)  # every predicate holds at +inf
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for _ in range(64):
-            mid = low + (high - low) // np.uint64(2)
-            root = np.sqrt(mid.view(np.float64) / c2)
-            holds = lr / (root + eps) < edges
-            holds[:, 0] = root[:, 0] >= eps
-            high = np.where(holds, mid, high)
-            low = np.where(holds, low, mid + np.uint64(1))
-    return high.view(np.float64)
+    out = np.empty((c2.size, HIST_BINS))
+    _bisect(float(lr), float(eps), c2, edges, out)
+    return out
+
+
+_HOST_JIT = dict(cache=True, error_model="numpy")  # x/0 is inf, as in numpy
+
+
+@numba.njit(**_HOST_JIT)
+def _bisect(lr, eps, c2, edges, out):
+    """:func:`step_thresholds`' bisection, one threshold at a time."""
+    for r in range(c2.size):
+        for k in range(edges.size):
+            low, high = _NO_BITS, _INF_BITS  # every predicate holds at +inf
+            while low < high:
+                mid = low + (high - low) // np.uint64(2)
+                root = np.sqrt(_bits_double(mid) / c2[r])
+                holds = root >= eps if k == 0 else lr / (root + eps) < edges[k]
+                if holds:
+                    high = mid
+                else:
+                    low = mid + np.uint64(1)
+            out[r, k] = _bits_double(high)
+
+
+def step_bins(
+    lr: float, eps: float, correction2: np.ndarray, below: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per ``correction2`` (with its :func:`step_thresholds` row in ``below``),
+    the histogram bin of ``v`` without a root or a division: indexed by the top
+    12 bits of ``v`` (sign and exponent), ``bins`` is the bin of the range's
+    least ``v`` and ``cuts`` the bits from which ``v`` is one bin lower. The step
+    is monotone in ``v``, and over one octave of ``v`` it changes by at most
+    √2, so it spans two bins at most; a range where the bins at its two ends
+    differ otherwise (sign bit with -0.0, or ``eps`` near 0 with subnormal
+    ``v``) gets bin -1, for the exact formula."""
+    c2 = np.ascontiguousarray(correction2, np.float64)
+    bins = np.empty((c2.size, 4096), np.int64)
+    cuts = np.empty((c2.size, 4096), np.uint64)
+    _fill_bins(float(lr), float(eps), c2, np.ascontiguousarray(below), bins, cuts)
+    return bins, cuts
+
+
+_MANTISSA = np.uint64((1 << 52) - 1)
+
+
+@numba.njit(**_HOST_JIT)
+def _fill_bins(lr, eps, c2, below, bins, cuts):
+    for r in range(c2.size):
+        for top in range(4096):
+            least = np.uint64(top) << _EXPONENT
+            first = _octave(lr / (np.sqrt(_bits_double(least) / c2[r]) + eps))
+            greatest = _bits_double(least | _MANTISSA)
+            last = _octave(lr / (np.sqrt(greatest / c2[r]) + eps))
+            cuts[r, top] = _ALL_BITS
+            bins[r, top] = first
+            if last == first - 1 and top < 2048:
+                cuts[r, top] = _double_bits(below[r, first])
+            elif last != first:
+                bins[r, top] = -1
 
 
 def _either(first, second):
