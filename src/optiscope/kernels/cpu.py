@@ -218,11 +218,11 @@ def _lerp(a, b, weight, one):
 # layout in :mod:`optiscope.probes.layout`, overwritten by the kernel. With a
 # probe, each chunk is updated in blocks of ``BLOCK`` elements and each block's
 # sums are taken while it is still in L1, so memory is still crossed once.
-# Momentum folds every element into a tuple of running sums inside the update
-# loop (:func:`_momentum_fold`). Adam's loop only keeps θ before the step; a
-# read-back of the block (:func:`_adam_sums`) then sums in float64: its wider
-# type would halve the vector width of the update's roots and divisions if
-# fused. Reassociation is allowed on the sums' additions only (:func:`_sum`,
+# The update loop only keeps what the step overwrites (θ, and momentum's
+# m_prev) in a scratch block; a read-back of the block (:func:`_adam_sums`,
+# :func:`_momentum_sums`) then sums in float64. Fused into the update loop, the
+# float64 type would halve its vector width (LLVM picks lanes for the widest
+# type), which costs more than the read-back from L1. Reassociation is allowed on the sums' additions only (:func:`_sum`,
 # a flag on the instruction), so they vectorize across lanes while the update
 # keeps its bits. Counts and ``v``'s extrema work on the float's bits (a
 # non-negative double orders like its bits), which needs no float flag. The
@@ -288,26 +288,6 @@ def _block_overload(probe):
     return lambda probe: BLOCK
 
 
-def _rounded(array, value):
-    """``value`` (compute dtype) as :func:`_store` leaves it in ``array``, back in
-    the compute dtype: what a reload would read, without the load."""
-
-
-@overload(_rounded)
-def _rounded_overload(array, value):
-    if array.dtype == types.uint16:
-        return lambda array, value: _bits_float(
-            np.uint32(_bfloat16_bits(np.float32(value))) << _U16
-        )
-    if array.dtype == types.int16:
-        return lambda array, value: _half_bits_to_float(
-            _float_to_half_bits(np.float32(value))
-        )
-    if array.dtype == types.float32:
-        return lambda array, value: np.float32(value)
-    return lambda array, value: np.float64(value)
-
-
 def _open(probe, c, n):
     """Start chunk ``c`` (``n`` elements): zero its row; Adam's extrema empty."""
 
@@ -349,57 +329,45 @@ def _nonfinite_overload(probe, row, grad_sq, grad, hyper):
 
 # None probes get 0, not None, for the running sums: a loop variable of type
 # None keeps LLVM from vectorizing the plain update.
-def _momentum_sums(probe):
-    """A block's running sums: Σg², Σ(Δθ)², Σθ², Σg·m_prev, Σm²."""
+def _momentum_sums(probe, before, previous, theta, grad, buffer, hyper):
+    """A block's Σg², Σ(Δθ)², Σθ², Σg·m_prev, Σm², read back while it is in
+    L1; ``g`` is the gradient the EMA averages, in float64 like the oracle's."""
 
 
 @overload(_momentum_sums)
-def _momentum_sums_overload(probe):
-    if isinstance(probe, types.NoneType):
-        return lambda probe: 0
-    return lambda probe: (0.0, 0.0, 0.0, 0.0, 0.0)
-
-
-def _momentum_fold(probe, acc, theta, buffer, raw, th, m_prev, m, new):
-    """Fold one element into momentum's running sums, from registers: ``new``
-    and ``m`` are θ and m as computed, rounded as stored; ``g`` is the gradient
-    the EMA averages, in float64 like the oracle's."""
-
-
-@overload(_momentum_fold)
-def _momentum_fold_overload(probe, acc, theta, buffer, raw, th, m_prev, m, new):
-    if isinstance(probe, types.NoneType):
-        return lambda probe, acc, theta, buffer, raw, th, m_prev, m, new: 0
-
-    def fold(probe, acc, theta, buffer, raw, th, m_prev, m, new):
-        grad_sq, update_sq, param_sq, grad_m, m_sq = acc
+def _momentum_sums_overload(probe, before, previous, theta, grad, buffer, hyper):
+    def sums(probe, before, previous, theta, grad, buffer, hyper):
         sign, weight_decay = probe[1][0], probe[1][1]
-        r, before = np.float64(raw), np.float64(th)
-        after = np.float64(_rounded(theta, new))
-        stored = np.float64(_rounded(buffer, m))
-        g = r * sign + weight_decay * before
-        delta = after - before
-        return (
-            _sum(grad_sq, r * r),
-            _sum(update_sq, delta * delta),
-            _sum(param_sq, after * after),
-            _sum(grad_m, g * np.float64(m_prev)),
-            _sum(m_sq, stored * stored),
-        )
+        grad_sq, update_sq, param_sq, grad_m, m_sq = 0.0, 0.0, 0.0, 0.0, 0.0
+        for i in range(theta.size):
+            r = np.float64(_load(grad, i, hyper))
+            th = np.float64(before[i])
+            after = np.float64(_load(theta, i, hyper))
+            m = np.float64(_load(buffer, i, hyper))
+            g = r * sign + weight_decay * th
+            delta = after - th
+            grad_sq = _sum(grad_sq, r * r)
+            update_sq = _sum(update_sq, delta * delta)
+            param_sq = _sum(param_sq, after * after)
+            grad_m = _sum(grad_m, g * np.float64(previous[i]))
+            m_sq = _sum(m_sq, m * m)
+        return grad_sq, update_sq, param_sq, grad_m, m_sq
 
-    return fold
+    return sums
 
 
-def _momentum_block(probe, acc, c, grad, hyper):
-    """Add a block's running sums to chunk ``c``'s row."""
+def _momentum_block(probe, scratch, c, theta, grad, buffer, hyper):
+    """Add a block's sums to chunk ``c``'s row."""
 
 
 @overload(_momentum_block)
-def _momentum_block_overload(probe, acc, c, grad, hyper):
+def _momentum_block_overload(probe, scratch, c, theta, grad, buffer, hyper):
     if isinstance(probe, types.NoneType):
-        return lambda probe, acc, c, grad, hyper: None
+        return lambda probe, scratch, c, theta, grad, buffer, hyper: None
 
-    def block_end(probe, acc, c, grad, hyper):
+    def block_end(probe, scratch, c, theta, grad, buffer, hyper):
+        before, previous = scratch
+        acc = _momentum_sums(probe, before, previous, theta, grad, buffer, hyper)
         row = probe[0][c]
         row[1] += acc[0]
         row[2] += acc[1]
@@ -422,16 +390,26 @@ def _scratch_overload(probe, like):
     return lambda probe, like: np.empty(BLOCK, like.dtype)
 
 
-def _keep(scratch, i, value):
-    """``scratch[i] = value`` where the kernel is probed."""
+def _keep(scratch, i, value, other):
+    """``scratch[i] = value`` where the kernel is probed; given a pair of
+    buffers, ``scratch[0][i], scratch[1][i] = value, other``."""
 
 
 @overload(_keep)
-def _keep_overload(scratch, i, value):
-    if isinstance(scratch, types.NoneType):
-        return lambda scratch, i, value: None
+def _keep_overload(scratch, i, value, other):
+    if isinstance(scratch, types.NoneType) or (
+        isinstance(scratch, types.BaseTuple) and isinstance(scratch[0], types.NoneType)
+    ):
+        return lambda scratch, i, value, other: None
+    if isinstance(scratch, types.BaseTuple):
 
-    def keep(scratch, i, value):
+        def keep_pair(scratch, i, value, other):
+            scratch[0][i] = value
+            scratch[1][i] = other
+
+        return keep_pair
+
+    def keep(scratch, i, value, other):
         scratch[i] = value
 
     return keep
@@ -626,6 +604,7 @@ def momentum_kernel(
     lr, weight, weight_decay, sign = hyper[0], hyper[1], hyper[2], hyper[3]
     one = hyper[3] * hyper[3]
     block = _block(probe)
+    scratch = _scratch(probe, hyper), _scratch(probe, hyper)
     for c in range(first, last):
         t, start = chunk_tensor[c], chunk_start[c]
         stop = min(start + CHUNK, sizes[t])
@@ -635,7 +614,6 @@ def momentum_kernel(
             theta = _view(params, sizes, t, lo, hi, param_like)
             grad = _view(grads, sizes, t, lo, hi, grad_like)
             buffer = _view(buffers, sizes, t, lo, hi, buffer_like)
-            acc = _momentum_sums(probe)
             for i in range(hi - lo):
                 th = _load(theta, i, hyper)
                 raw = _load(grad, i, hyper)
@@ -647,8 +625,8 @@ def momentum_kernel(
                 new = th - lr * m
                 _store(buffer, i, m)
                 _store(theta, i, new)
-                acc = _momentum_fold(probe, acc, theta, buffer, raw, th, m_prev, m, new)
-            _momentum_block(probe, acc, c, grad, hyper)
+                _keep(scratch, i, th, m_prev)
+            _momentum_block(probe, scratch, c, theta, grad, buffer, hyper)
 
 
 # -- adam ----------------------------------------------------------------------------
@@ -706,5 +684,5 @@ def adam_kernel(
                 update = zero if denom == 0 else m / denom
                 new = th - step_size * update
                 _store(theta, i, new)
-                _keep(before, i, th0)
+                _keep(before, i, th0, None)
             _adam_block(probe, before, c, t, theta, grad, used, lo, hyper)
