@@ -279,8 +279,18 @@ def _adam_cpu(
         if stats is not None:
             partials = np.empty((chunk_tensor.size, stats.shape[1]))
             unique, inverse = np.unique(c2, return_inverse=True)
-            thresholds = cpu.step_thresholds(lr, eps, unique)[inverse]
-            probe = (partials, np.array([lr, eps]), c2, thresholds)
+            below = cpu.step_thresholds(lr, eps, unique)
+            bins, cuts = cpu.step_bins(lr, eps, unique, below)
+            tables = inverse.astype(np.int64)
+            probe = (
+                partials,
+                np.array([lr, eps]),
+                c2,
+                below[inverse],
+                bins,
+                cuts,
+                tables,
+            )
         head = (
             theta.addresses(),
             grad.addresses(),

@@ -31,7 +31,7 @@ from numba import types
 from numba.core.errors import TypingError
 from numba.extending import intrinsic, overload
 
-from ..probes.layout import ADAM, HIST_BINS, HIST_MIN_EXP, HIST_START
+from ..probes.layout import ADAM, HIST_BINS, HIST_MIN_EXP, HIST_START, HIST_STRIDE
 
 #: Elements per unit of parallel work: large enough to amortise scheduling,
 #: small enough that 2 threads balance on a few tensors. A multiple of 4
@@ -216,17 +216,27 @@ def _lerp(a, b, weight, one):
 # A probe is None (compiled out: the kernel is the plain update) or a tuple
 # ``(partials, hyper64, ...)``: ``partials[c]`` is chunk ``c``'s row of the
 # layout in :mod:`optiscope.probes.layout`, overwritten by the kernel. With a
-# probe, each chunk is updated in blocks of ``BLOCK`` elements; a block's
-# inputs are summed just before its update and its outputs just after, while
-# they are still in L1, so memory is still crossed once. The sums run in
-# float64 with reassociation allowed (vectorized); the update is untouched.
+# probe, each chunk is updated in blocks of ``BLOCK`` elements and each block's
+# sums are taken while it is still in L1, so memory is still crossed once.
+# The update loop only keeps what the step overwrites (θ, and momentum's
+# m_prev) in a scratch block; a read-back of the block (:func:`_adam_sums`,
+# :func:`_momentum_sums`) then sums in float64. Fused into the update loop, the
+# float64 type would halve its vector width (LLVM picks lanes for the widest
+# type), which costs more than the read-back from L1. Reassociation is allowed on the sums' additions only (:func:`_sum`,
+# a flag on the instruction), so they vectorize across lanes while the update
+# keeps its bits. Counts and ``v``'s extrema work on the float's bits (a
+# non-negative double orders like its bits), which needs no float flag. The
+# histogram bins a sample, every ``HIST_STRIDE``-th element, by table
+# (:func:`step_bins`): no root or division per element.
 
-#: Elements per probed block: θ, g, m, v and the θ copy of a block fit in L1.
+#: Elements per probed block: θ, g, m and v of a block fit in L1.
 BLOCK = 2048
-_STATS_JIT = dict(fastmath={"reassoc"})
 _EXPONENT = np.uint64(52)
 _EXPONENT_MASK = np.uint64(0x7FF)
+_ABS_MASK = np.uint64(0x7FFFFFFFFFFFFFFF)
 _INF_BITS = np.uint64(0x7FF0000000000000)
+_NO_BITS = np.uint64(0)
+_ALL_BITS = np.uint64(0xFFFFFFFFFFFFFFFF)
 _OCTAVE_BIAS = 1022 + HIST_MIN_EXP  # biased exponent - 1022 is frexp's exponent
 _STEP_MIN, _STEP_MAX = ADAM.index("step_min"), ADAM.index("step_max")
 
@@ -253,6 +263,20 @@ def _bits_double(typingctx, bits):
     return sig, codegen
 
 
+@intrinsic
+def _sum(typingctx, total, value):
+    """``total + value`` (float64) with reassociation allowed on this one addition,
+    so a loop's running sum may be split across vector lanes; the flag sits on
+    the instruction, not on the function, and the update around it keeps its
+    IEEE order."""
+    sig = types.float64(types.float64, types.float64)
+
+    def codegen(context, builder, signature, args):
+        return builder.fadd(args[0], args[1], flags=("reassoc",))
+
+    return sig, codegen
+
+
 def _block(probe):
     """Elements per inner loop: the whole chunk unprobed, ``BLOCK`` probed."""
 
@@ -264,166 +288,209 @@ def _block_overload(probe):
     return lambda probe: BLOCK
 
 
-def _scratch(probe):
-    """Per-call scratch of a probed kernel: θ of one block, sub-histograms."""
-
-
-@overload(_scratch)
-def _scratch_overload(probe):
-    if isinstance(probe, types.NoneType):
-        return lambda probe: None
-    return lambda probe: (np.empty(BLOCK), None, np.empty(BLOCK))
-
-
-def _open(probe, scratch, c, n):
-    """Start chunk ``c`` (``n`` elements): zero its partial row and histograms."""
+def _open(probe, c, n):
+    """Start chunk ``c`` (``n`` elements): zero its row; Adam's extrema empty."""
 
 
 @overload(_open)
-def _open_overload(probe, scratch, c, n):
+def _open_overload(probe, c, n):
     if isinstance(probe, types.NoneType):
-        return lambda probe, scratch, c, n: None
+        return lambda probe, c, n: None
 
-    def open_chunk(probe, scratch, c, n):
+    def open_chunk(probe, c, n):
         row = probe[0][c]
         row[:] = 0.0
         row[0] = n
-        if row.size > HIST_START:  # Adam: extrema start empty
+        if row.size > HIST_START:
             row[_STEP_MIN] = np.inf
             row[_STEP_MAX] = -np.inf
 
     return open_chunk
 
 
-def _close(probe, scratch, c):
-    """End chunk ``c``: fold the sub-histograms into its row (Adam only)."""
+def _nonfinite(probe, row, grad_sq, grad, hyper):
+    """Count a block's non-finite gradients into ``row[4]``, only where its Σg²
+    says there may be some (a non-finite g makes Σg² inf or NaN; so can an
+    overflow of finite float64 g, and then the count is 0, still exact)."""
 
 
-@overload(_close)
-def _close_overload(probe, scratch, c):
-    if isinstance(probe, types.NoneType):
-        return lambda probe, scratch, c: None
-
-    def close_chunk(probe, scratch, c):
-        row = probe[0][c]
-        if row.size > HIST_START:  # "bin >= k" counts to bins
-            row[HIST_START] = row[0]
-            for k in range(HIST_BINS - 1):
-                row[HIST_START + k] -= row[HIST_START + k + 1]
-
-    return close_chunk
-
-
-def _inputs(probe, scratch, c, theta, grad, buffer):
-    """Before a block's update: Σg², non-finite g, θ saved; for momentum
-    (``buffer`` given) Σ g·m_prev with g the gradient the EMA averages."""
-
-
-@overload(_inputs, jit_options=_STATS_JIT)
-def _inputs_overload(probe, scratch, c, theta, grad, buffer):
-    if isinstance(probe, types.NoneType):
-        return lambda probe, scratch, c, theta, grad, buffer: None
-    momentum = not isinstance(buffer, types.NoneType)
-
-    def inputs(probe, scratch, c, theta, grad, buffer):
-        before, row, hyper = scratch[0], probe[0][c], probe[1]
-        sign, weight_decay = hyper[0], hyper[1]
-        grad_sq, grad_m, bad = 0.0, 0.0, 0
-        for i in range(theta.size):
-            th = _load(theta, i, before)
-            raw = _load(grad, i, before)
-            before[i] = th
-            grad_sq += raw * raw
-            bad += 0 if abs(raw) < np.inf else 1
-            if momentum:
-                g = raw * sign + weight_decay * th
-                grad_m += g * _load(buffer, i, before)
-        row[1] += grad_sq
+@overload(_nonfinite)
+def _nonfinite_overload(probe, row, grad_sq, grad, hyper):
+    def count(probe, row, grad_sq, grad, hyper):
+        if abs(grad_sq) < np.inf:
+            return
+        bad = 0
+        for i in range(grad.size):
+            bad += 0 if abs(_load(grad, i, hyper)) < np.inf else 1
         row[4] += bad
-        if momentum:
-            row[5] += grad_m
 
-    return inputs
+    return count
 
 
-def _momentum_outputs(probe, scratch, c, theta, buffer):
-    """After a block's update: Σ(Δθ)², Σθ², Σm²."""
+# None probes get 0, not None, for the running sums: a loop variable of type
+# None keeps LLVM from vectorizing the plain update.
+def _momentum_sums(probe, before, previous, theta, grad, buffer, hyper):
+    """A block's Σg², Σ(Δθ)², Σθ², Σg·m_prev, Σm², read back while it is in
+    L1; ``g`` is the gradient the EMA averages, in float64 like the oracle's."""
 
 
-@overload(_momentum_outputs, jit_options=_STATS_JIT)
-def _momentum_outputs_overload(probe, scratch, c, theta, buffer):
-    if isinstance(probe, types.NoneType):
-        return lambda probe, scratch, c, theta, buffer: None
-
-    def outputs(probe, scratch, c, theta, buffer):
-        before, row = scratch[0], probe[0][c]
-        update_sq, param_sq, m_sq = 0.0, 0.0, 0.0
+@overload(_momentum_sums)
+def _momentum_sums_overload(probe, before, previous, theta, grad, buffer, hyper):
+    def sums(probe, before, previous, theta, grad, buffer, hyper):
+        sign, weight_decay = probe[1][0], probe[1][1]
+        grad_sq, update_sq, param_sq, grad_m, m_sq = 0.0, 0.0, 0.0, 0.0, 0.0
         for i in range(theta.size):
-            th = _load(theta, i, before)
-            m = _load(buffer, i, before)
-            update_sq += (th - before[i]) ** 2
-            param_sq += th * th
-            m_sq += m * m
-        row[2] += update_sq
-        row[3] += param_sq
-        row[6] += m_sq
+            r = np.float64(_load(grad, i, hyper))
+            th = np.float64(before[i])
+            after = np.float64(_load(theta, i, hyper))
+            m = np.float64(_load(buffer, i, hyper))
+            g = r * sign + weight_decay * th
+            delta = after - th
+            grad_sq = _sum(grad_sq, r * r)
+            update_sq = _sum(update_sq, delta * delta)
+            param_sq = _sum(param_sq, after * after)
+            grad_m = _sum(grad_m, g * np.float64(previous[i]))
+            m_sq = _sum(m_sq, m * m)
+        return grad_sq, update_sq, param_sq, grad_m, m_sq
 
-    return outputs
-
-
-def _adam_outputs(probe, scratch, c, tensor, theta, v_used):
-    """After a block's update: Σ(Δθ)², Σθ², and from the stored ``v_used`` the
-    effective step ``s = lr/(sqrt(v_used/c2)+eps)``'s ε-dominated count, extrema
-    and octave histogram, without a division, a root or a scatter per element:
-    ``s`` falls as ``v`` grows, so ``s``'s extrema are ``s`` of ``v``'s, and a
-    count of ``s`` against an edge is a count of ``v`` against a threshold
-    (:func:`step_thresholds`, exact). Histogram columns hold "bin >= k" counts
-    until :func:`_close` takes differences."""
+    return sums
 
 
-@overload(_adam_outputs, jit_options=_STATS_JIT)
-def _adam_outputs_overload(probe, scratch, c, tensor, theta, v_used):
+def _momentum_block(probe, scratch, c, theta, grad, buffer, hyper):
+    """Add a block's sums to chunk ``c``'s row."""
+
+
+@overload(_momentum_block)
+def _momentum_block_overload(probe, scratch, c, theta, grad, buffer, hyper):
     if isinstance(probe, types.NoneType):
-        return lambda probe, scratch, c, tensor, theta, v_used: None
+        return lambda probe, scratch, c, theta, grad, buffer, hyper: None
 
-    def outputs(probe, scratch, c, tensor, theta, v_used):
-        before, vs, row = scratch[0], scratch[2], probe[0][c]
+    def block_end(probe, scratch, c, theta, grad, buffer, hyper):
+        before, previous = scratch
+        acc = _momentum_sums(probe, before, previous, theta, grad, buffer, hyper)
+        row = probe[0][c]
+        row[1] += acc[0]
+        row[2] += acc[1]
+        row[3] += acc[2]
+        row[5] += acc[3]
+        row[6] += acc[4]
+        _nonfinite(probe, row, acc[0], grad, hyper)
+
+    return block_end
+
+
+def _scratch(probe, like):
+    """A probed kernel's θ-before buffer of one block (compute dtype)."""
+
+
+@overload(_scratch)
+def _scratch_overload(probe, like):
+    if isinstance(probe, types.NoneType):
+        return lambda probe, like: None
+    return lambda probe, like: np.empty(BLOCK, like.dtype)
+
+
+def _keep(scratch, i, value, other):
+    """``scratch[i] = value`` where the kernel is probed; given a pair of
+    buffers, ``scratch[0][i], scratch[1][i] = value, other``."""
+
+
+@overload(_keep)
+def _keep_overload(scratch, i, value, other):
+    if isinstance(scratch, types.NoneType) or (
+        isinstance(scratch, types.BaseTuple) and isinstance(scratch[0], types.NoneType)
+    ):
+        return lambda scratch, i, value, other: None
+    if isinstance(scratch, types.BaseTuple):
+
+        def keep_pair(scratch, i, value, other):
+            scratch[0][i] = value
+            scratch[1][i] = other
+
+        return keep_pair
+
+    def keep(scratch, i, value, other):
+        scratch[i] = value
+
+    return keep
+
+
+def _adam_sums(probe, before, theta, grad, v_used, hyper):
+    """A block's Σg², Σ(Δθ)², Σθ², and the bits of its least and greatest ``v``
+    (a non-negative double orders like its bits; a NaN's lie above +inf's),
+    read back while the block is in L1."""
+
+
+@overload(_adam_sums)
+def _adam_sums_overload(probe, before, theta, grad, v_used, hyper):
+    def sums(probe, before, theta, grad, v_used, hyper):
+        grad_sq, update_sq, param_sq, low, high = 0.0, 0.0, 0.0, _ALL_BITS, _NO_BITS
+        for i in range(theta.size):
+            r = np.float64(_load(grad, i, hyper))
+            after = np.float64(_load(theta, i, hyper))
+            delta = after - np.float64(before[i])
+            bits = _double_bits(np.float64(_load(v_used, i, hyper)))
+            grad_sq = _sum(grad_sq, r * r)
+            update_sq = _sum(update_sq, delta * delta)
+            param_sq = _sum(param_sq, after * after)
+            low = min(low, bits)
+            high = max(high, bits)
+        return grad_sq, update_sq, param_sq, low, high
+
+    return sums
+
+
+def _adam_block(probe, before, c, tensor, theta, grad, v_used, lo, hyper):
+    """Add a block (tensor index ``lo`` on) to chunk ``c``'s row. The effective
+    step ``s = lr/(sqrt(v/c2)+eps)`` falls as ``v`` grows, so ``s``'s extrema
+    are ``s`` of ``v``'s; ε-dominated is ``v`` below a threshold
+    (:func:`step_thresholds`, exact), counted only where the least ``v`` is;
+    the histogram bins the sampled elements (tensor index a multiple of
+    ``HIST_STRIDE``) by ``s`` computed with the oracle's float64 operations."""
+
+
+@overload(_adam_block)
+def _adam_block_overload(probe, before, c, tensor, theta, grad, v_used, lo, hyper):
+    if isinstance(probe, types.NoneType):
+        return lambda probe, before, c, tensor, theta, grad, v_used, lo, hyper: None
+
+    def block_end(probe, before, c, tensor, theta, grad, v_used, lo, hyper):
+        acc = _adam_sums(probe, before, theta, grad, v_used, hyper)
+        row = probe[0][c]
         lr, eps, correction2 = probe[1][0], probe[1][1], probe[2][tensor]
-        below = probe[3][tensor]  # [0]: sqrt(v/c2) < eps; [k]: bin >= k
-        n = theta.size
-        update_sq, param_sq, dominated, nans = 0.0, 0.0, 0, 0
-        smallest, largest = np.inf, -np.inf
-        for i in range(n):
-            th = _load(theta, i, before)
-            update_sq += (th - before[i]) ** 2
-            param_sq += th * th
-            v = _load(v_used, i, before)
-            vs[i] = v
-            dominated += 1 if v < below[0] else 0
-            nans += 1 if v != v else 0
-            smallest = v if v < smallest else smallest
-            largest = v if v > largest else largest
-        row[2] += update_sq
-        row[3] += param_sq
-        row[5] += dominated
-        if nans > 0:  # a NaN step: torch's min and max are NaN too
+        row[1] += acc[0]
+        row[2] += acc[1]
+        row[3] += acc[2]
+        _nonfinite(probe, row, acc[0], grad, hyper)
+        low, high = acc[3], acc[4]
+        if high > _INF_BITS:  # a NaN step: torch's min and max are NaN too
             row[_STEP_MIN] = row[_STEP_MAX] = np.nan
-        if nans < n:
-            low = lr / (np.sqrt(largest / correction2) + eps)
-            high = lr / (np.sqrt(smallest / correction2) + eps)
-            if row[_STEP_MIN] == row[_STEP_MIN]:
-                row[_STEP_MIN] = min(row[_STEP_MIN], low)
-                row[_STEP_MAX] = max(row[_STEP_MAX], high)
-            first, last = _octave(low), _octave(high)
-            for k in range(1, first + 1):
-                row[HIST_START + k] += n - nans
-            for k in range(max(first + 1, 1), last + 1):
-                count = 0
-                for i in range(n):
-                    count += 1 if vs[i] < below[k] else 0
-                row[HIST_START + k] += count
+        elif row[_STEP_MIN] == row[_STEP_MIN]:
+            smallest = lr / (np.sqrt(_bits_double(high) / correction2) + eps)
+            largest = lr / (np.sqrt(_bits_double(low) / correction2) + eps)
+            row[_STEP_MIN] = min(row[_STEP_MIN], smallest)
+            row[_STEP_MAX] = max(row[_STEP_MAX], largest)
+        below = probe[3][tensor][0]
+        if low < _double_bits(below):
+            dominated = 0
+            for i in range(v_used.size):
+                dominated += 1 if _load(v_used, i, hyper) < below else 0
+            row[5] += dominated
+        table = probe[6][tensor]
+        bins, cuts = probe[4][table], probe[5][table]
+        first = (HIST_STRIDE - lo % HIST_STRIDE) % HIST_STRIDE
+        for i in range(first, v_used.size, HIST_STRIDE):
+            v = np.float64(_load(v_used, i, hyper))
+            bits = _double_bits(v)
+            top = bits >> _EXPONENT
+            k = bins[top]
+            if k < 0:  # a range :func:`step_bins` leaves to the exact formula
+                k = _octave(lr / (np.sqrt(v / correction2) + eps))
+            elif bits >= cuts[top]:
+                k -= 1
+            row[HIST_START + k] += 1.0
 
-    return outputs
+    return block_end
 
 
 @numba.njit(**_JIT)
@@ -436,25 +503,74 @@ def _octave(step):
 
 
 def step_thresholds(lr: float, eps: float, correction2: np.ndarray) -> np.ndarray:
-    """Per ``correction2``, the float64 ``v`` thresholds of :func:`_adam_outputs`:
+    """Per ``correction2``, the float64 ``v`` thresholds of the Adam probe:
     column 0 the least ``v`` with ``sqrt(v/c2) >= eps``; column ``k >= 1`` the
     least ``v`` whose step ``lr/(sqrt(v/c2)+eps)`` is below bin ``k``'s lower
     edge ``2^(k-1+HIST_MIN_EXP)``. Found by bisection over the bits of
     non-negative doubles (ordered like the doubles), evaluating ``s`` with the
     same float64 operations as the oracle, so the counts are exact."""
-    c2 = np.asarray(correction2, np.float64)[:, None]
+    c2 = np.ascontiguousarray(correction2, np.float64)
     edges = 2.0 ** (np.arange(HIST_BINS) - 1 + HIST_MIN_EXP)
-    low = np.zeros((c2.shape[0], HIST_BINS), np.uint64)
-    high = np.full_like(low, _INF_BITS)  # every predicate holds at +inf
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for _ in range(64):
-            mid = low + (high - low) // np.uint64(2)
-            root = np.sqrt(mid.view(np.float64) / c2)
-            holds = lr / (root + eps) < edges
-            holds[:, 0] = root[:, 0] >= eps
-            high = np.where(holds, mid, high)
-            low = np.where(holds, low, mid + np.uint64(1))
-    return high.view(np.float64)
+    out = np.empty((c2.size, HIST_BINS))
+    _bisect(float(lr), float(eps), c2, edges, out)
+    return out
+
+
+_HOST_JIT = dict(cache=True, error_model="numpy")  # x/0 is inf, as in numpy
+
+
+@numba.njit(**_HOST_JIT)
+def _bisect(lr, eps, c2, edges, out):
+    """:func:`step_thresholds`' bisection, one threshold at a time."""
+    for r in range(c2.size):
+        for k in range(edges.size):
+            low, high = _NO_BITS, _INF_BITS  # every predicate holds at +inf
+            while low < high:
+                mid = low + (high - low) // np.uint64(2)
+                root = np.sqrt(_bits_double(mid) / c2[r])
+                holds = root >= eps if k == 0 else lr / (root + eps) < edges[k]
+                if holds:
+                    high = mid
+                else:
+                    low = mid + np.uint64(1)
+            out[r, k] = _bits_double(high)
+
+
+def step_bins(
+    lr: float, eps: float, correction2: np.ndarray, below: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per ``correction2`` (with its :func:`step_thresholds` row in ``below``),
+    the histogram bin of ``v`` without a root or a division: indexed by the top
+    12 bits of ``v`` (sign and exponent), ``bins`` is the bin of the range's
+    least ``v`` and ``cuts`` the bits from which ``v`` is one bin lower. The step
+    is monotone in ``v``, and over one octave of ``v`` it changes by at most
+    √2, so it spans two bins at most; a range where the bins at its two ends
+    differ otherwise (sign bit with -0.0, or ``eps`` near 0 with subnormal
+    ``v``) gets bin -1, for the exact formula."""
+    c2 = np.ascontiguousarray(correction2, np.float64)
+    bins = np.empty((c2.size, 4096), np.int64)
+    cuts = np.empty((c2.size, 4096), np.uint64)
+    _fill_bins(float(lr), float(eps), c2, np.ascontiguousarray(below), bins, cuts)
+    return bins, cuts
+
+
+_MANTISSA = np.uint64((1 << 52) - 1)
+
+
+@numba.njit(**_HOST_JIT)
+def _fill_bins(lr, eps, c2, below, bins, cuts):
+    for r in range(c2.size):
+        for top in range(4096):
+            least = np.uint64(top) << _EXPONENT
+            first = _octave(lr / (np.sqrt(_bits_double(least) / c2[r]) + eps))
+            greatest = _bits_double(least | _MANTISSA)
+            last = _octave(lr / (np.sqrt(greatest / c2[r]) + eps))
+            cuts[r, top] = _ALL_BITS
+            bins[r, top] = first
+            if last == first - 1 and top < 2048:
+                cuts[r, top] = _double_bits(below[r, first])
+            elif last != first:
+                bins[r, top] = -1
 
 
 def _either(first, second):
@@ -487,26 +603,30 @@ def momentum_kernel(
 ):
     lr, weight, weight_decay, sign = hyper[0], hyper[1], hyper[2], hyper[3]
     one = hyper[3] * hyper[3]
-    scratch, block = _scratch(probe), _block(probe)
+    block = _block(probe)
+    scratch = _scratch(probe, hyper), _scratch(probe, hyper)
     for c in range(first, last):
         t, start = chunk_tensor[c], chunk_start[c]
         stop = min(start + CHUNK, sizes[t])
-        _open(probe, scratch, c, stop - start)
+        _open(probe, c, stop - start)
         for lo in range(start, stop, block):  # one block unless probed
             hi = min(lo + block, stop)
             theta = _view(params, sizes, t, lo, hi, param_like)
             grad = _view(grads, sizes, t, lo, hi, grad_like)
             buffer = _view(buffers, sizes, t, lo, hi, buffer_like)
-            _inputs(probe, scratch, c, theta, grad, buffer)
             for i in range(hi - lo):
                 th = _load(theta, i, hyper)
-                g = sign * _load(grad, i, hyper)
+                raw = _load(grad, i, hyper)
+                g = sign * raw
                 if weight_decay != 0:
                     g = g + weight_decay * th
-                m = _lerp(_load(buffer, i, hyper), g, weight, one)
+                m_prev = _load(buffer, i, hyper)
+                m = _lerp(m_prev, g, weight, one)
+                new = th - lr * m
                 _store(buffer, i, m)
-                _store(theta, i, th - lr * m)
-            _momentum_outputs(probe, scratch, c, theta, buffer)
+                _store(theta, i, new)
+                _keep(scratch, i, th, m_prev)
+            _momentum_block(probe, scratch, c, theta, grad, buffer, hyper)
 
 
 # -- adam ----------------------------------------------------------------------------
@@ -534,12 +654,12 @@ def adam_kernel(
     weight1, beta2, weight2, eps = hyper[0], hyper[1], hyper[2], hyper[3]
     l2, decay, sign = hyper[4], hyper[5], hyper[6]
     one, zero = sign * sign, sign - sign
-    scratch, block = _scratch(probe), _block(probe)
+    block, before = _block(probe), _scratch(probe, hyper)
     for c in range(first, last):
         t, start = chunk_tensor[c], chunk_start[c]
         stop = min(start + CHUNK, sizes[t])
         step_size, sqrt_bias2 = step_sizes[t], sqrt_bias2s[t]
-        _open(probe, scratch, c, stop - start)
+        _open(probe, c, stop - start)
         for lo in range(start, stop, block):  # one block unless probed
             hi = min(lo + block, stop)
             theta = _view(params, sizes, t, lo, hi, param_like)
@@ -547,10 +667,12 @@ def adam_kernel(
             m_ = _view(exp_avgs, sizes, t, lo, hi, state_like)
             v_ = _view(exp_avg_sqs, sizes, t, lo, hi, state_like)
             vmax_ = _optional_view(max_exp_avg_sqs, sizes, t, lo, hi, max_like)
-            _inputs(probe, scratch, c, theta, grad, None)
+            used = _either(vmax_, v_)
             for i in range(hi - lo):
-                th = _load(theta, i, hyper) * decay  # decoupled decay, else decay=1
-                g = sign * _load(grad, i, hyper)
+                th0 = _load(theta, i, hyper)
+                th = th0 * decay  # decoupled decay, else decay=1
+                raw = _load(grad, i, hyper)
+                g = sign * raw
                 if l2 != 0:
                     g = g + l2 * th
                 m = _lerp(_load(m_, i, hyper), g, weight1, one)
@@ -560,6 +682,7 @@ def adam_kernel(
                 v = _running_max(vmax_, i, v, hyper)
                 denom = np.sqrt(v) / sqrt_bias2 + eps
                 update = zero if denom == 0 else m / denom
-                _store(theta, i, th - step_size * update)
-            _adam_outputs(probe, scratch, c, t, theta, _either(vmax_, v_))
-        _close(probe, scratch, c)
+                new = th - step_size * update
+                _store(theta, i, new)
+                _keep(before, i, th0, None)
+            _adam_block(probe, before, c, t, theta, grad, used, lo, hyper)

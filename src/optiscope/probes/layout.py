@@ -14,8 +14,14 @@ Momentum adds ``sum_grad_dot_prev_m`` (Σ g·m_{t-1}) and ``sum_m_sq`` (Σ m_t²
 Adam adds ``eps_dominated`` (count of √v̂ < ε), ``step_min``/``step_max`` of the
 per-coordinate effective step :math:`s = α/(\sqrt{\hat v}+ε)` and a histogram of
 :math:`s` with one bin per octave: bin ``k`` holds :math:`2^{k-1+E} \le s < 2^{k+E}`,
-with ``E = HIST_MIN_EXP``; bin 0 holds everything below, the last everything above.
-Octaves are read off the float's exponent bits, which costs no logarithm.
+with ``E = HIST_MIN_EXP``; bin 0 holds everything below (and NaN), the last
+everything above. Octaves are read off the float's exponent bits, which costs no
+logarithm. ``eps_dominated``, ``step_min`` and ``step_max`` cover every coordinate;
+the histogram covers a fixed sample, the coordinates whose index in the flattened
+tensor is a multiple of ``HIST_STRIDE`` (``ceil(numel / HIST_STRIDE)`` of them,
+element 0 always among them), so the median step read from it is an estimate from
+that 1-in-``HIST_STRIDE`` sample. Binning each sampled step exactly costs a root
+and two divisions; doing so for every coordinate would cost more than the step.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ ADAM = (
     *(f"hist{k}" for k in range(HIST_BINS)),
 )
 HIST_START = ADAM.index("hist0")
+#: The histogram counts coordinates ``0, HIST_STRIDE, 2·HIST_STRIDE, ...``.
+HIST_STRIDE = 16
 
 
 def column(layout: tuple[str, ...], name: str) -> int:

@@ -170,10 +170,12 @@ def torch_adam_row(
     eps: float,
     correction2: float,
 ) -> np.ndarray:
-    """The Adam row from snapshots; ``v_used`` is v (or its running max) after the step."""
+    """The Adam row from snapshots; ``v_used`` is v (or its running max) after the
+    step. The histogram bins every ``layout.HIST_STRIDE``-th step only."""
     root = torch.sqrt(_f64(v_used) / correction2)
     step = (lr / (root + eps)).reshape(-1)
-    counts = torch.bincount(octave_bins(step), minlength=layout.HIST_BINS).double()
+    sample = step[:: layout.HIST_STRIDE]
+    counts = torch.bincount(octave_bins(sample), minlength=layout.HIST_BINS).double()
     return np.array(
         [
             *torch_common(before, after, grad),
