@@ -337,3 +337,17 @@ def test_histogram_quantile_is_within_an_octave() -> None:
         counts[layout.octave_bin(float(v))] += 1
     median = float(np.median(values))
     assert median / 2 <= histogram_quantile(counts, 0.5) <= median * 2
+
+
+def test_histogram_sample_does_not_alias_with_rows() -> None:
+    """A (256, 64) weight whose first 8 columns never see a gradient: the sampled
+    histogram must see them in proportion (1/8), not as every sampled coordinate."""
+    w = torch.nn.Parameter(torch.zeros(256, 64))
+    opt = optiscope.Adam([w], lr=1e-3, probe=True)
+    grad = torch.ones(256, 64)
+    grad[:, ::8] = 0.0  # columns 0, 8, ..., 56 get no gradient: step α/ε
+    w.grad = grad
+    opt.step()
+    hist = opt.probes["params"]["group0.param0"]["step_histogram"]
+    dead = hist[layout.octave_bin(1e-3 / 1e-8)]
+    assert abs(dead / sum(hist) - 1 / 8) < 0.03

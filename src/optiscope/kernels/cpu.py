@@ -31,6 +31,8 @@ from numba import types
 from numba.core.errors import TypingError
 from numba.extending import intrinsic, overload
 
+# numba freezes these constants into the cached kernels, and its cache is keyed on
+# this file's timestamp: a change to them in layout.py needs this file touched.
 from ..probes.layout import ADAM, HIST_BINS, HIST_MIN_EXP, HIST_START, HIST_STRIDE
 
 #: Elements per unit of parallel work: large enough to amortise scheduling,

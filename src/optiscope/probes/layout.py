@@ -41,7 +41,9 @@ ADAM = (
 )
 HIST_START = ADAM.index("hist0")
 #: The histogram counts coordinates ``0, HIST_STRIDE, 2·HIST_STRIDE, ...``.
-HIST_STRIDE = 16
+#: Prime, so the sample does not alias with power-of-two row lengths: with 16,
+#: a (256, 64) weight would sample only input columns 0, 16, 32 and 48.
+HIST_STRIDE = 17
 
 
 def column(layout: tuple[str, ...], name: str) -> int:
