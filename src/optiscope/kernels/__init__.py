@@ -249,6 +249,7 @@ def _adam_cpu(
     maximize,
     bias_correction,
 ):
+    from ..probes import layout
     from . import cpu
 
     for (p_dtype, g_dtype, s_dtype), idx in _groups(params, grads, exp_avgs).items():
@@ -280,8 +281,9 @@ def _adam_cpu(
             partials = np.empty((chunk_tensor.size, stats.shape[1]))
             unique, inverse = np.unique(c2, return_inverse=True)
             below = cpu.step_thresholds(lr, eps, unique)
-            bins, cuts = cpu.step_bins(lr, eps, unique, below)
+            bins, cuts = cpu.step_bins(below)
             tables = inverse.astype(np.int64)
+            strides = [layout.hist_stride(n) for n in sizes.tolist()]
             probe = (
                 partials,
                 np.array([lr, eps]),
@@ -290,6 +292,7 @@ def _adam_cpu(
                 bins,
                 cuts,
                 tables,
+                np.array(strides, np.int64),
             )
         head = (
             theta.addresses(),

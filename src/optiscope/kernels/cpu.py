@@ -11,8 +11,8 @@ Layout shared by every kernel:
   (``nogil``) on the threads of a pool in :mod:`optiscope.kernels` (dropout's,
   in :mod:`.cpu_dropout`, uses ``prange``). Every update is elementwise, so it
   is bitwise identical across runs and thread counts.
-  A per-chunk partial sum (issue 5's probes) is one more output array indexed
-  by chunk, reduced per tensor in chunk order afterwards: deterministic too.
+  A probe's per-chunk sums (issue 5) are one more output array indexed by
+  chunk, reduced per tensor in chunk order afterwards: deterministic too.
 * **Storage vs compute dtype.** Arrays are loaded with :func:`_load` into the
   compute dtype (float64 for float64, float32 for everything else) and written
   back with :func:`_store`, rounding once. bfloat16 travels as ``uint16`` bits
@@ -33,7 +33,7 @@ from numba.extending import intrinsic, overload
 
 # numba freezes these constants into the cached kernels, and its cache is keyed on
 # this file's timestamp: a change to them in layout.py needs this file touched.
-from ..probes.layout import ADAM, HIST_BINS, HIST_MIN_EXP, HIST_START, HIST_STRIDE
+from ..probes.layout import ADAM, HIST_BINS, HIST_MIN_EXP, HIST_START
 
 #: Elements per unit of parallel work: large enough to amortise scheduling,
 #: small enough that 2 threads balance on a few tensors. A multiple of 4
@@ -207,38 +207,67 @@ def _running_max_overload(array, index, value, like):
 
 
 @numba.njit(**_JIT)
-def _lerp(a, b, weight, one):
-    """torch's lerp: ``a + w(b-a)`` for ``w < 0.5``, else ``b - (b-a)(1-w)``."""
+def _lerp_form(weight, one):
+    """torch's lerp ``a + w(b-a)`` for ``w < 0.5``, else ``b - (b-a)(1-w)``, as
+    ``(from_a, scale)`` for :func:`_lerp`: ``b + (-(1-w))(b-a)`` rounds exactly
+    like ``b - (b-a)(1-w)``, so both forms are one expression with a start
+    chosen per element, which needs no branch in the vectorized loop."""
     if weight < 0.5:
-        return a + weight * (b - a)
-    return b - (b - a) * (one - weight)
+        return True, weight
+    return False, -(one - weight)
 
 
-# -- probes: per-chunk sums in the same pass -----------------------------------------
+@numba.njit(**_JIT)
+def _lerp(a, b, form):
+    """:func:`_lerp_form`'s lerp from ``a`` to ``b``."""
+    from_a, scale = form
+    return (a if from_a else b) + scale * (b - a)
+
+
+# -- probes: sums kept by the update loop itself ----------------------------------------
 # A probe is None (compiled out: the kernel is the plain update) or a tuple
 # ``(partials, hyper64, ...)``: ``partials[c]`` is chunk ``c``'s row of the
-# layout in :mod:`optiscope.probes.layout`, overwritten by the kernel. With a
-# probe, each chunk is updated in blocks of ``BLOCK`` elements and each block's
-# sums are taken while it is still in L1, so memory is still crossed once.
-# The update loop only keeps what the step overwrites (θ, and momentum's
-# m_prev) in a scratch block; a read-back of the block (:func:`_adam_sums`,
-# :func:`_momentum_sums`) then sums in float64. Fused into the update loop, the
-# float64 type would halve its vector width (LLVM picks lanes for the widest
-# type), which costs more than the read-back from L1. Reassociation is allowed on the sums' additions only (:func:`_sum`,
-# a flag on the instruction), so they vectorize across lanes while the update
-# keeps its bits. Counts and ``v``'s extrema work on the float's bits (a
-# non-negative double orders like its bits), which needs no float flag. The
-# histogram bins a sample, every ``HIST_STRIDE``-th element, by table
-# (:func:`step_bins`): no root or division per element.
+# layout in :mod:`optiscope.probes.layout`, overwritten by the kernel.
+#
+# The update loop keeps the chunk's running sums (and Adam's least and greatest
+# ``v``) in the compute dtype, so the loop keeps its vector width. Two earlier
+# designs measured worse on a 10M-element Adam step: a float64 read-back of each
+# L1-sized block (+45%: the read-back is compute the memory traffic no longer
+# hides), and L1-sized blocks at all (+6% on their own, for the loop entries and
+# exits). The whole chunk is one loop; what costs more than the loop can hide
+# is done afterwards, on the chunk while it is in L2, and only where needed:
+#
+# * a float32 sum loses range, not precision: a chunk whose sum leaves
+#   ``[2**-80, inf)`` (underflowed terms, an overflow of finite values, or a
+#   non-finite value) is summed again in float64 (:func:`_sums64_adam`,
+#   :func:`_sums64_momentum`), from the chunk and from the θ-before (and, for
+#   momentum, the m-before) the loop keeps in a scratch chunk;
+# * non-finite gradients are counted only where Σg² is not finite;
+# * ε-dominated coordinates are counted only where the chunk's least ``v`` is
+#   below the threshold;
+# * the histogram bins a sample (every
+#   :func:`~optiscope.probes.layout.hist_stride`-th element) by table
+#   (:func:`step_bins`): no root or division per element.
+#
+# Reassociation is allowed on the sums' additions only (:func:`_tally`, a flag
+# on the instruction), so they split across vector lanes while the update keeps
+# its IEEE order. A float32 chunk sum thus adds at most ``CHUNK / lanes`` terms
+# per lane (4096 with LLVM's 16 lanes for float32 on AVX2/AVX-512), a relative
+# error below ``4096 · 2**-24 ≈ 2.4e-4`` for sums of squares, and near
+# ``2**-24 · sqrt(4096)`` for typical data; chunks add in float64. ``v``'s
+# extrema are taken on the float's bits (a non-negative float orders like its
+# bits; a NaN's lie above +inf's), which needs no flag.
 
-#: Elements per probed block: θ, g, m and v of a block fit in L1.
-BLOCK = 2048
 _EXPONENT = np.uint64(52)
 _EXPONENT_MASK = np.uint64(0x7FF)
 _ABS_MASK = np.uint64(0x7FFFFFFFFFFFFFFF)
 _INF_BITS = np.uint64(0x7FF0000000000000)
 _NO_BITS = np.uint64(0)
 _ALL_BITS = np.uint64(0xFFFFFFFFFFFFFFFF)
+#: A float32 chunk sum below this may have lost terms to underflow (a square
+#: under 2**-126 keeps only an absolute 2**-150): 65,536 of them move a sum of
+#: 2**-80 by under 2**-54 of itself.
+_TRUSTED_LEAST = 2.0**-80
 _OCTAVE_BIAS = 1022 + HIST_MIN_EXP  # biased exponent - 1022 is frexp's exponent
 _STEP_MIN, _STEP_MAX = ADAM.index("step_min"), ADAM.index("step_max")
 
@@ -266,12 +295,14 @@ def _bits_double(typingctx, bits):
 
 
 @intrinsic
-def _sum(typingctx, total, value):
-    """``total + value`` (float64) with reassociation allowed on this one addition,
-    so a loop's running sum may be split across vector lanes; the flag sits on
-    the instruction, not on the function, and the update around it keeps its
-    IEEE order."""
-    sig = types.float64(types.float64, types.float64)
+def _tally(typingctx, total, value):
+    """``total + value`` (one float type) with reassociation allowed on this one
+    addition, so a loop's running sum may be split across vector lanes; the
+    flag sits on the instruction, not on the function, and the update around
+    it keeps its IEEE order."""
+    if not isinstance(total, types.Float) or total != value:
+        raise TypingError("total and value must be floats of one type")
+    sig = total(total, value)
 
     def codegen(context, builder, signature, args):
         return builder.fadd(args[0], args[1], flags=("reassoc",))
@@ -279,19 +310,168 @@ def _sum(typingctx, total, value):
     return sig, codegen
 
 
-def _block(probe):
-    """Elements per inner loop: the whole chunk unprobed, ``BLOCK`` probed."""
+@intrinsic
+def _tally_product(typingctx, total, a, b):
+    """``total + a*b`` as :func:`_tally`, the product allowed to fuse into the
+    addition (one FMA, one rounding fewer)."""
+    if not isinstance(total, types.Float) or not total == a == b:
+        raise TypingError("total, a and b must be floats of one type")
+    sig = total(total, a, b)
+
+    def codegen(context, builder, signature, args):
+        product = builder.fmul(args[1], args[2], flags=("contract",))
+        return builder.fadd(args[0], product, flags=("reassoc", "contract"))
+
+    return sig, codegen
 
 
-@overload(_block)
-def _block_overload(probe):
+@intrinsic
+def _order_bits(typingctx, value):
+    """The bits of ``|value|`` (float32 as uint32, float64 as uint64): they order
+    like the values, with a NaN's above +inf's. Typed by hand, because numba
+    would widen a uint32 ``&`` to 64 bits and halve the loop's vector width."""
+    if value not in (types.float32, types.float64):
+        raise TypingError("value must be float32 or float64")
+    width = value.bitwidth
+    sig = types.Integer(f"uint{width}")(value)
+
+    def codegen(context, builder, signature, args):
+        bits = builder.bitcast(args[0], ir.IntType(width))
+        return builder.and_(bits, ir.Constant(ir.IntType(width), (1 << width - 1) - 1))
+
+    return sig, codegen
+
+
+def _unsigned_extremum(is_max):
+    """The typer of an intrinsic ``max(a, b)`` (or ``min``) of two unsigned
+    integers of one width, kept at that width (see :func:`_order_bits`)."""
+
+    def typer(typingctx, a, b):
+        if not isinstance(a, types.Integer) or a != b:
+            raise TypingError("a and b must be integers of one type")
+        sig = a(a, b)
+
+        def codegen(context, builder, signature, args):
+            pick = builder.icmp_unsigned(">" if is_max else "<", args[0], args[1])
+            return builder.select(pick, args[0], args[1])
+
+        return sig, codegen
+
+    return typer
+
+
+_umin = intrinsic(_unsigned_extremum(False))
+_umax = intrinsic(_unsigned_extremum(True))
+
+
+def _add(probe, total, a, b):
+    """``total + a*b`` (:func:`_tally_product`) where probed; else ``total``, the
+    0 of :func:`_zero`, so the sum compiles out."""
+
+
+@overload(_add)
+def _add_overload(probe, total, a, b):
     if isinstance(probe, types.NoneType):
-        return lambda probe: CHUNK
-    return lambda probe: BLOCK
+        return lambda probe, total, a, b: total
+    return lambda probe, total, a, b: _tally_product(total, a, b)
+
+
+def _zero(probe, like):
+    """A running sum's start: 0 in ``like``'s dtype where probed. Unprobed, the
+    integer 0: a loop variable of type None would keep LLVM from vectorizing."""
+
+
+@overload(_zero)
+def _zero_overload(probe, like):
+    if isinstance(probe, types.NoneType):
+        return lambda probe, like: 0
+    if like.dtype == types.float64:
+        return lambda probe, like: 0.0
+    return lambda probe, like: np.float32(0.0)
+
+
+def _empty_range(probe, like):
+    """``(least, greatest)`` bits before any value: (all ones, 0) at the width
+    of ``like``'s dtype; unprobed (0, 0)."""
+
+
+@overload(_empty_range)
+def _empty_range_overload(probe, like):
+    if isinstance(probe, types.NoneType):
+        return lambda probe, like: (0, 0)
+    if like.dtype == types.float64:
+        return lambda probe, like: (_ALL_BITS, _NO_BITS)
+    return lambda probe, like: (np.uint32(0xFFFFFFFF), np.uint32(0))
+
+
+def _widen(probe, low, high, value):
+    """``(min(low, bits), max(high, bits))`` of ``value``'s :func:`_order_bits`
+    where probed; else ``(low, high)`` unchanged."""
+
+
+@overload(_widen)
+def _widen_overload(probe, low, high, value):
+    if isinstance(probe, types.NoneType):
+        return lambda probe, low, high, value: (low, high)
+
+    def widen(probe, low, high, value):
+        bits = _order_bits(value)
+        return _umin(low, bits), _umax(high, bits)
+
+    return widen
+
+
+def _bits_value(bits):
+    """:func:`_order_bits` inverted, as a float64 (exact); NaN bits give NaN."""
+
+
+@overload(_bits_value)
+def _bits_value_overload(bits):
+    if bits == types.uint64:
+        return lambda bits: _bits_double(bits)
+    return lambda bits: np.float64(_bits_float(bits))
+
+
+def _as_stored(array, value):
+    """``value`` (compute dtype) rounded as :func:`_store` would store it in
+    ``array``, back in the compute dtype: what a load after the store gives."""
+
+
+@overload(_as_stored)
+def _as_stored_overload(array, value):
+    wide = value == types.float64
+    if array.dtype == types.uint16:
+
+        def as_bfloat16(array, value):
+            stored = _bits_float(np.uint32(_bfloat16_bits(np.float32(value))) << _U16)
+            return np.float64(stored) if wide else stored
+
+        return as_bfloat16
+    if array.dtype == types.int16:
+
+        def as_float16(array, value):
+            stored = _half_bits_to_float(_float_to_half_bits(np.float32(value)))
+            return np.float64(stored) if wide else stored
+
+        return as_float16
+    if wide and array.dtype == types.float32:
+        return lambda array, value: np.float64(np.float32(value))
+    return lambda array, value: value
+
+
+def _trusted(total):
+    """Whether a chunk sum from the loop needs no float64 second pass."""
+
+
+@overload(_trusted)
+def _trusted_overload(total):
+    if total == types.float64:  # as the second pass would sum, unless inf or NaN
+        return lambda total: abs(total) < np.inf
+    return lambda total: _TRUSTED_LEAST <= abs(total) < np.inf
 
 
 def _open(probe, c, n):
-    """Start chunk ``c`` (``n`` elements): zero its row; Adam's extrema empty."""
+    """Start chunk ``c`` (``n`` elements): zero its row."""
 
 
 @overload(_open)
@@ -303,93 +483,19 @@ def _open_overload(probe, c, n):
         row = probe[0][c]
         row[:] = 0.0
         row[0] = n
-        if row.size > HIST_START:
-            row[_STEP_MIN] = np.inf
-            row[_STEP_MAX] = -np.inf
 
     return open_chunk
 
 
-def _nonfinite(probe, row, grad_sq, grad, hyper):
-    """Count a block's non-finite gradients into ``row[4]``, only where its Σg²
-    says there may be some (a non-finite g makes Σg² inf or NaN; so can an
-    overflow of finite float64 g, and then the count is 0, still exact)."""
-
-
-@overload(_nonfinite)
-def _nonfinite_overload(probe, row, grad_sq, grad, hyper):
-    def count(probe, row, grad_sq, grad, hyper):
-        if abs(grad_sq) < np.inf:
-            return
-        bad = 0
-        for i in range(grad.size):
-            bad += 0 if abs(_load(grad, i, hyper)) < np.inf else 1
-        row[4] += bad
-
-    return count
-
-
-# None probes get 0, not None, for the running sums: a loop variable of type
-# None keeps LLVM from vectorizing the plain update.
-def _momentum_sums(probe, before, previous, theta, grad, buffer, hyper):
-    """A block's Σg², Σ(Δθ)², Σθ², Σg·m_prev, Σm², read back while it is in
-    L1; ``g`` is the gradient the EMA averages, in float64 like the oracle's."""
-
-
-@overload(_momentum_sums)
-def _momentum_sums_overload(probe, before, previous, theta, grad, buffer, hyper):
-    def sums(probe, before, previous, theta, grad, buffer, hyper):
-        sign, weight_decay = probe[1][0], probe[1][1]
-        grad_sq, update_sq, param_sq, grad_m, m_sq = 0.0, 0.0, 0.0, 0.0, 0.0
-        for i in range(theta.size):
-            r = np.float64(_load(grad, i, hyper))
-            th = np.float64(before[i])
-            after = np.float64(_load(theta, i, hyper))
-            m = np.float64(_load(buffer, i, hyper))
-            g = r * sign + weight_decay * th
-            delta = after - th
-            grad_sq = _sum(grad_sq, r * r)
-            update_sq = _sum(update_sq, delta * delta)
-            param_sq = _sum(param_sq, after * after)
-            grad_m = _sum(grad_m, g * np.float64(previous[i]))
-            m_sq = _sum(m_sq, m * m)
-        return grad_sq, update_sq, param_sq, grad_m, m_sq
-
-    return sums
-
-
-def _momentum_block(probe, scratch, c, theta, grad, buffer, hyper):
-    """Add a block's sums to chunk ``c``'s row."""
-
-
-@overload(_momentum_block)
-def _momentum_block_overload(probe, scratch, c, theta, grad, buffer, hyper):
-    if isinstance(probe, types.NoneType):
-        return lambda probe, scratch, c, theta, grad, buffer, hyper: None
-
-    def block_end(probe, scratch, c, theta, grad, buffer, hyper):
-        before, previous = scratch
-        acc = _momentum_sums(probe, before, previous, theta, grad, buffer, hyper)
-        row = probe[0][c]
-        row[1] += acc[0]
-        row[2] += acc[1]
-        row[3] += acc[2]
-        row[5] += acc[3]
-        row[6] += acc[4]
-        _nonfinite(probe, row, acc[0], grad, hyper)
-
-    return block_end
-
-
 def _scratch(probe, like):
-    """A probed kernel's θ-before buffer of one block (compute dtype)."""
+    """A probed kernel's buffer of one chunk (compute dtype), for the second pass."""
 
 
 @overload(_scratch)
 def _scratch_overload(probe, like):
     if isinstance(probe, types.NoneType):
         return lambda probe, like: None
-    return lambda probe, like: np.empty(BLOCK, like.dtype)
+    return lambda probe, like: np.empty(CHUNK, like.dtype)
 
 
 def _keep(scratch, i, value, other):
@@ -417,71 +523,167 @@ def _keep_overload(scratch, i, value, other):
     return keep
 
 
-def _adam_sums(probe, before, theta, grad, v_used, hyper):
-    """A block's Σg², Σ(Δθ)², Σθ², and the bits of its least and greatest ``v``
-    (a non-negative double orders like its bits; a NaN's lie above +inf's),
-    read back while the block is in L1."""
+def _counts(probe):
+    """The histogram's four rows of counts (see :func:`_adam_chunk`), if probed."""
 
 
-@overload(_adam_sums)
-def _adam_sums_overload(probe, before, theta, grad, v_used, hyper):
-    def sums(probe, before, theta, grad, v_used, hyper):
-        grad_sq, update_sq, param_sq, low, high = 0.0, 0.0, 0.0, _ALL_BITS, _NO_BITS
-        for i in range(theta.size):
-            r = np.float64(_load(grad, i, hyper))
-            after = np.float64(_load(theta, i, hyper))
-            delta = after - np.float64(before[i])
-            bits = _double_bits(np.float64(_load(v_used, i, hyper)))
-            grad_sq = _sum(grad_sq, r * r)
-            update_sq = _sum(update_sq, delta * delta)
-            param_sq = _sum(param_sq, after * after)
-            low = min(low, bits)
-            high = max(high, bits)
-        return grad_sq, update_sq, param_sq, low, high
-
-    return sums
-
-
-def _adam_block(probe, before, c, tensor, theta, grad, v_used, lo, hyper):
-    """Add a block (tensor index ``lo`` on) to chunk ``c``'s row. The effective
-    step ``s = lr/(sqrt(v/c2)+eps)`` falls as ``v`` grows, so ``s``'s extrema
-    are ``s`` of ``v``'s; ε-dominated is ``v`` below a threshold
-    (:func:`step_thresholds`, exact), counted only where the least ``v`` is;
-    the histogram bins the sampled elements (tensor index a multiple of
-    ``HIST_STRIDE``) by ``s`` computed with the oracle's float64 operations."""
-
-
-@overload(_adam_block)
-def _adam_block_overload(probe, before, c, tensor, theta, grad, v_used, lo, hyper):
+@overload(_counts)
+def _counts_overload(probe):
     if isinstance(probe, types.NoneType):
-        return lambda probe, before, c, tensor, theta, grad, v_used, lo, hyper: None
+        return lambda probe: None
+    return lambda probe: np.zeros((4, HIST_BINS))
 
-    def block_end(probe, before, c, tensor, theta, grad, v_used, lo, hyper):
-        acc = _adam_sums(probe, before, theta, grad, v_used, hyper)
+
+# -- after the loop: the float64 second pass, where a float32 sum is not trusted ----
+@numba.njit(**_JIT)
+def _count_nonfinite(row, grad_sq, grad, hyper):
+    """Count a chunk's non-finite gradients into ``row[4]``, only where its
+    float64 Σg² says there may be some (a non-finite g makes Σg² inf or NaN; so
+    can an overflow of finite float64 g, and then the count is 0, still exact)."""
+    if abs(grad_sq) < np.inf:
+        return
+    bad = 0
+    for i in range(grad.size):
+        bad += 0 if abs(_load(grad, i, hyper)) < np.inf else 1
+    row[4] += bad
+
+
+@numba.njit(**_JIT)
+def _sums64_adam(before, theta, grad, v_used, hyper):
+    """A chunk's Σg², Σ(Δθ)², Σθ² in float64, and the bits of its least and
+    greatest ``|v|`` (:func:`_order_bits`)."""
+    grad_sq, update_sq, param_sq = 0.0, 0.0, 0.0
+    low, high = _ALL_BITS, _NO_BITS
+    for i in range(theta.size):
+        r = np.float64(_load(grad, i, hyper))
+        after = np.float64(_load(theta, i, hyper))
+        delta = after - np.float64(before[i])
+        bits = _order_bits(np.float64(_load(v_used, i, hyper)))
+        grad_sq = _tally(grad_sq, r * r)
+        update_sq = _tally(update_sq, delta * delta)
+        param_sq = _tally(param_sq, after * after)
+        low, high = _umin(low, bits), _umax(high, bits)
+    return grad_sq, update_sq, param_sq, low, high
+
+
+@numba.njit(**_JIT)
+def _sums64_momentum(before, previous, theta, grad, buffer, hyper, sign, decay):
+    """A chunk's Σg², Σ(Δθ)², Σθ², Σg·m_prev, Σm² in float64; ``g`` in
+    Σg·m_prev is the gradient the EMA averages."""
+    grad_sq, update_sq, param_sq, grad_m, m_sq = 0.0, 0.0, 0.0, 0.0, 0.0
+    for i in range(theta.size):
+        r = np.float64(_load(grad, i, hyper))
+        th = np.float64(before[i])
+        after = np.float64(_load(theta, i, hyper))
+        m = np.float64(_load(buffer, i, hyper))
+        g = r * sign + decay * th
+        delta = after - th
+        grad_sq = _tally(grad_sq, r * r)
+        update_sq = _tally(update_sq, delta * delta)
+        param_sq = _tally(param_sq, after * after)
+        grad_m = _tally(grad_m, g * np.float64(previous[i]))
+        m_sq = _tally(m_sq, m * m)
+    return grad_sq, update_sq, param_sq, grad_m, m_sq
+
+
+def _momentum_chunk(probe, scratch, c, theta, grad, buffer, hyper, sums):
+    """Add a chunk's ``sums`` (Σg², Σ(Δθ)², Σθ², Σg·m_prev, Σm² from the loop)
+    to its row ``c``, summed again in float64 where one is not trusted."""
+
+
+@overload(_momentum_chunk)
+def _momentum_chunk_overload(probe, scratch, c, theta, grad, buffer, hyper, sums):
+    if isinstance(probe, types.NoneType):
+        return lambda probe, scratch, c, theta, grad, buffer, hyper, sums: None
+
+    def chunk_end(probe, scratch, c, theta, grad, buffer, hyper, sums):
+        grad_sq, update_sq, param_sq, grad_m, m_sq = sums
+        if not (
+            _trusted(grad_sq)
+            and _trusted(update_sq)
+            and _trusted(param_sq)
+            and _trusted(grad_m)
+            and _trusted(m_sq)
+        ):
+            before, previous = scratch
+            sign, decay = probe[1][0], probe[1][1]
+            grad_sq, update_sq, param_sq, grad_m, m_sq = _sums64_momentum(
+                before, previous, theta, grad, buffer, hyper, sign, decay
+            )
         row = probe[0][c]
+        row[1] = grad_sq
+        row[2] = update_sq
+        row[3] = param_sq
+        row[5] = grad_m
+        row[6] = m_sq
+        _count_nonfinite(row, np.float64(grad_sq), grad, hyper)
+
+    return chunk_end
+
+
+def _adam_chunk(
+    probe, before, c, tensor, theta, grad, v_used, start, hyper, sums, counts
+):
+    """Fill chunk ``c``'s row (tensor index ``start`` on). ``sums`` is the
+    loop's Σg², Σ(Δθ)², Σθ² and the bits of the least and greatest ``|v|``,
+    summed again in float64 where one is not trusted (a NaN ``v`` sorts above
+    +inf, so it always is).
+
+    The effective step ``s = lr/(sqrt(v/c2)+eps)`` falls as ``v`` grows, so
+    ``s``'s extrema are ``s`` of ``v``'s. ε-dominated is ``v`` below a threshold
+    (:func:`step_thresholds`, exact), counted only where the least ``v`` is. The
+    histogram bins the sampled elements (tensor index a multiple of the
+    tensor's stride) by table, into the four rows of ``counts`` (the
+    calling thread's) in turn, so that consecutive samples in one bin don't
+    wait on each other's increment."""
+
+
+@overload(_adam_chunk)
+def _adam_chunk_overload(
+    probe, before, c, tensor, theta, grad, v_used, start, hyper, sums, counts
+):
+    if isinstance(probe, types.NoneType):
+        return (
+            lambda probe, before, c, tensor, theta, grad, v_used, start, hyper, sums, counts: (
+                None
+            )
+        )
+
+    def chunk_end(
+        probe, before, c, tensor, theta, grad, v_used, start, hyper, sums, counts
+    ):
+        grad_sq, update_sq, param_sq, low_bits, high_bits = sums
+        low, high = _bits_value(low_bits), _bits_value(high_bits)
+        if not (
+            _trusted(grad_sq)
+            and _trusted(update_sq)
+            and _trusted(param_sq)
+            and high <= np.inf
+        ):
+            wide = _sums64_adam(before, theta, grad, v_used, hyper)
+            grad_sq, update_sq, param_sq = wide[0], wide[1], wide[2]
+            low, high = _bits_value(wide[3]), _bits_value(wide[4])
+        row = probe[0][c]
+        row[1] = grad_sq
+        row[2] = update_sq
+        row[3] = param_sq
+        _count_nonfinite(row, np.float64(grad_sq), grad, hyper)
         lr, eps, correction2 = probe[1][0], probe[1][1], probe[2][tensor]
-        row[1] += acc[0]
-        row[2] += acc[1]
-        row[3] += acc[2]
-        _nonfinite(probe, row, acc[0], grad, hyper)
-        low, high = acc[3], acc[4]
-        if high > _INF_BITS:  # a NaN step: torch's min and max are NaN too
+        if high != high:  # a NaN step: torch's min and max are NaN too
             row[_STEP_MIN] = row[_STEP_MAX] = np.nan
-        elif row[_STEP_MIN] == row[_STEP_MIN]:
-            smallest = lr / (np.sqrt(_bits_double(high) / correction2) + eps)
-            largest = lr / (np.sqrt(_bits_double(low) / correction2) + eps)
-            row[_STEP_MIN] = min(row[_STEP_MIN], smallest)
-            row[_STEP_MAX] = max(row[_STEP_MAX], largest)
+        else:
+            row[_STEP_MIN] = lr / (np.sqrt(high / correction2) + eps)
+            row[_STEP_MAX] = lr / (np.sqrt(low / correction2) + eps)
         below = probe[3][tensor][0]
-        if low < _double_bits(below):
+        if low < below:
             dominated = 0
             for i in range(v_used.size):
                 dominated += 1 if _load(v_used, i, hyper) < below else 0
-            row[5] += dominated
-        table = probe[6][tensor]
+            row[5] = dominated
+        table, stride = probe[6][tensor], probe[7][tensor]
         bins, cuts = probe[4][table], probe[5][table]
-        first = (HIST_STRIDE - lo % HIST_STRIDE) % HIST_STRIDE
-        for i in range(first, v_used.size, HIST_STRIDE):
+        turn = 0
+        for i in range((stride - start % stride) % stride, v_used.size, stride):
             v = np.float64(_load(v_used, i, hyper))
             bits = _double_bits(v)
             top = bits >> _EXPONENT
@@ -490,9 +692,14 @@ def _adam_block_overload(probe, before, c, tensor, theta, grad, v_used, lo, hype
                 k = _octave(lr / (np.sqrt(v / correction2) + eps))
             elif bits >= cuts[top]:
                 k -= 1
-            row[HIST_START + k] += 1.0
+            counts[turn, k] += 1.0
+            turn = (turn + 1) & 3
+        for k in range(HIST_BINS):
+            total = counts[0, k] + counts[1, k] + counts[2, k] + counts[3, k]
+            row[HIST_START + k] = total
+            counts[0, k] = counts[1, k] = counts[2, k] = counts[3, k] = 0.0
 
-    return block_end
+    return chunk_end
 
 
 @numba.njit(**_JIT)
@@ -504,17 +711,21 @@ def _octave(step):
     return min(max(exponent - _OCTAVE_BIAS, 0), HIST_BINS - 1)
 
 
+# -- host-side tables of the Adam probe ---------------------------------------------
 def step_thresholds(lr: float, eps: float, correction2: np.ndarray) -> np.ndarray:
     """Per ``correction2``, the float64 ``v`` thresholds of the Adam probe:
     column 0 the least ``v`` with ``sqrt(v/c2) >= eps``; column ``k >= 1`` the
     least ``v`` whose step ``lr/(sqrt(v/c2)+eps)`` is below bin ``k``'s lower
-    edge ``2^(k-1+HIST_MIN_EXP)``. Found by bisection over the bits of
-    non-negative doubles (ordered like the doubles), evaluating ``s`` with the
-    same float64 operations as the oracle, so the counts are exact."""
+    edge ``2^(k-1+HIST_MIN_EXP)``. Each predicate is evaluated with the same
+    float64 operations as the oracle, and is monotone in ``v`` (a root and a
+    division, correctly rounded, are monotone), so the least ``v`` is found
+    exactly: from the closed-form solution, by a search over the bits of
+    non-negative doubles (which order like the doubles) that starts a few ulp
+    wide and doubles until it brackets the answer."""
     c2 = np.ascontiguousarray(correction2, np.float64)
     edges = 2.0 ** (np.arange(HIST_BINS) - 1 + HIST_MIN_EXP)
     out = np.empty((c2.size, HIST_BINS))
-    _bisect(float(lr), float(eps), c2, edges, out)
+    _thresholds(float(lr), float(eps), c2, edges, out)
     return out
 
 
@@ -522,37 +733,60 @@ _HOST_JIT = dict(cache=True, error_model="numpy")  # x/0 is inf, as in numpy
 
 
 @numba.njit(**_HOST_JIT)
-def _bisect(lr, eps, c2, edges, out):
-    """:func:`step_thresholds`' bisection, one threshold at a time."""
+def _holds(bits, lr, eps, c2, k, edge):
+    """:func:`step_thresholds`' predicate ``k`` at ``v`` with these bits."""
+    root = np.sqrt(_bits_double(bits) / c2)
+    return root >= eps if k == 0 else lr / (root + eps) < edge
+
+
+@numba.njit(**_HOST_JIT)
+def _thresholds(lr, eps, c2, edges, out):
     for r in range(c2.size):
         for k in range(edges.size):
-            low, high = _NO_BITS, _INF_BITS  # every predicate holds at +inf
-            while low < high:
+            root = eps if k == 0 else lr / edges[k] - eps
+            guess = c2[r] * root * root if root > 0 else 0.0
+            start = _double_bits(guess) if guess < np.inf else _INF_BITS
+            # Bracket the least v that holds in (low, high], then bisect.
+            width = np.uint64(1)
+            if _holds(start, lr, eps, c2[r], k, edges[k]):
+                high = start
+                low = start - width if start >= width else _NO_BITS
+                while low > _NO_BITS and _holds(low, lr, eps, c2[r], k, edges[k]):
+                    high, width = low, width * np.uint64(2)
+                    low = low - width if low >= width else _NO_BITS
+                if low == _NO_BITS and _holds(low, lr, eps, c2[r], k, edges[k]):
+                    out[r, k] = 0.0
+                    continue
+            else:  # every predicate holds at +inf
+                low = start
+                high = min(start + width, _INF_BITS)
+                while not _holds(high, lr, eps, c2[r], k, edges[k]):
+                    low, width = high, width * np.uint64(2)
+                    high = min(high + width, _INF_BITS)
+            while high - low > np.uint64(1):
                 mid = low + (high - low) // np.uint64(2)
-                root = np.sqrt(_bits_double(mid) / c2[r])
-                holds = root >= eps if k == 0 else lr / (root + eps) < edges[k]
-                if holds:
+                if _holds(mid, lr, eps, c2[r], k, edges[k]):
                     high = mid
                 else:
-                    low = mid + np.uint64(1)
+                    low = mid
             out[r, k] = _bits_double(high)
 
 
-def step_bins(
-    lr: float, eps: float, correction2: np.ndarray, below: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per ``correction2`` (with its :func:`step_thresholds` row in ``below``),
-    the histogram bin of ``v`` without a root or a division: indexed by the top
-    12 bits of ``v`` (sign and exponent), ``bins`` is the bin of the range's
-    least ``v`` and ``cuts`` the bits from which ``v`` is one bin lower. The step
-    is monotone in ``v``, and over one octave of ``v`` it changes by at most
-    √2, so it spans two bins at most; a range where the bins at its two ends
-    differ otherwise (sign bit with -0.0, or ``eps`` near 0 with subnormal
-    ``v``) gets bin -1, for the exact formula."""
-    c2 = np.ascontiguousarray(correction2, np.float64)
-    bins = np.empty((c2.size, 4096), np.int64)
-    cuts = np.empty((c2.size, 4096), np.uint64)
-    _fill_bins(float(lr), float(eps), c2, np.ascontiguousarray(below), bins, cuts)
+def step_bins(below: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of :func:`step_thresholds`, the histogram bin of ``v`` without a
+    root or a division, indexed by the top 12 bits of ``v`` (sign and exponent):
+    ``bins`` is the bin of the range's least ``v`` and ``cuts`` the bits from
+    which ``v`` is one bin lower. The step falls as ``v`` grows, so the bin of
+    ``v`` is the number of thresholds ``k >= 1`` above ``v``, which a walk over
+    the ranges in order counts. Over one octave of ``v`` the step changes by
+    at most √2, so it spans two bins at most; a range where the bins at its two
+    ends differ otherwise (``eps`` near 0 with subnormal ``v``, where the step
+    is not near-linear), or whose ``v`` are negative (-0.0 included: the root
+    of a negative is NaN), gets bin -1, for the exact formula."""
+    below = np.ascontiguousarray(below, np.float64)
+    bins = np.empty((below.shape[0], 4096), np.int64)
+    cuts = np.empty((below.shape[0], 4096), np.uint64)
+    _fill_bins(below, bins, cuts)
     return bins, cuts
 
 
@@ -560,19 +794,27 @@ _MANTISSA = np.uint64((1 << 52) - 1)
 
 
 @numba.njit(**_HOST_JIT)
-def _fill_bins(lr, eps, c2, below, bins, cuts):
-    for r in range(c2.size):
+def _fill_bins(below, bins, cuts):
+    for r in range(below.shape[0]):
+        ascending = np.sort(below[r, 1:])
+        n = ascending.size
+        at_least, at_most = 0, 0  # thresholds <= the range's least / greatest v
         for top in range(4096):
+            bins[r, top], cuts[r, top] = -1, _ALL_BITS
+            if top >= 2048:
+                continue
             least = np.uint64(top) << _EXPONENT
-            first = _octave(lr / (np.sqrt(_bits_double(least) / c2[r]) + eps))
-            greatest = _bits_double(least | _MANTISSA)
-            last = _octave(lr / (np.sqrt(greatest / c2[r]) + eps))
-            cuts[r, top] = _ALL_BITS
-            bins[r, top] = first
-            if last == first - 1 and top < 2048:
-                cuts[r, top] = _double_bits(below[r, first])
-            elif last != first:
-                bins[r, top] = -1
+            least_v, greatest_v = _bits_double(least), _bits_double(least | _MANTISSA)
+            while at_least < n and ascending[at_least] <= least_v:
+                at_least += 1
+            while at_most < n and ascending[at_most] <= greatest_v:
+                at_most += 1
+            first, last = n - at_least, n - at_most
+            if last == first:
+                bins[r, top] = first
+            elif last == first - 1:
+                bins[r, top] = first
+                cuts[r, top] = _double_bits(ascending[at_least])
 
 
 def _either(first, second):
@@ -604,31 +846,37 @@ def momentum_kernel(
     probe,  # None, or (partials (chunks, len(MOMENTUM)), float64 [sign, l2])
 ):
     lr, weight, weight_decay, sign = hyper[0], hyper[1], hyper[2], hyper[3]
-    one = hyper[3] * hyper[3]
-    block = _block(probe)
+    lerp = _lerp_form(weight, hyper[3] * hyper[3])
     scratch = _scratch(probe, hyper), _scratch(probe, hyper)
     for c in range(first, last):
         t, start = chunk_tensor[c], chunk_start[c]
         stop = min(start + CHUNK, sizes[t])
         _open(probe, c, stop - start)
-        for lo in range(start, stop, block):  # one block unless probed
-            hi = min(lo + block, stop)
-            theta = _view(params, sizes, t, lo, hi, param_like)
-            grad = _view(grads, sizes, t, lo, hi, grad_like)
-            buffer = _view(buffers, sizes, t, lo, hi, buffer_like)
-            for i in range(hi - lo):
-                th = _load(theta, i, hyper)
-                raw = _load(grad, i, hyper)
-                g = sign * raw
-                if weight_decay != 0:
-                    g = g + weight_decay * th
-                m_prev = _load(buffer, i, hyper)
-                m = _lerp(m_prev, g, weight, one)
-                new = th - lr * m
-                _store(buffer, i, m)
-                _store(theta, i, new)
-                _keep(scratch, i, th, m_prev)
-            _momentum_block(probe, scratch, c, theta, grad, buffer, hyper)
+        theta = _view(params, sizes, t, start, stop, param_like)
+        grad = _view(grads, sizes, t, start, stop, grad_like)
+        buffer = _view(buffers, sizes, t, start, stop, buffer_like)
+        grad_sq = update_sq = param_sq = grad_m = m_sq = _zero(probe, hyper)
+        for i in range(stop - start):
+            th = _load(theta, i, hyper)
+            raw = _load(grad, i, hyper)
+            g = sign * raw
+            if weight_decay != 0:
+                g = g + weight_decay * th
+            m_prev = _load(buffer, i, hyper)
+            m = _lerp(m_prev, g, lerp)
+            new = th - lr * m
+            _store(buffer, i, m)
+            _store(theta, i, new)
+            _keep(scratch, i, th, m_prev)
+            after, m_kept = _as_stored(theta, new), _as_stored(buffer, m)
+            delta = after - th
+            grad_sq = _add(probe, grad_sq, raw, raw)
+            update_sq = _add(probe, update_sq, delta, delta)
+            param_sq = _add(probe, param_sq, after, after)
+            grad_m = _add(probe, grad_m, g, m_prev)
+            m_sq = _add(probe, m_sq, m_kept, m_kept)
+        sums = (grad_sq, update_sq, param_sq, grad_m, m_sq)
+        _momentum_chunk(probe, scratch, c, theta, grad, buffer, hyper, sums)
 
 
 # -- adam ----------------------------------------------------------------------------
@@ -651,40 +899,49 @@ def adam_kernel(
     grad_like,
     state_like,
     max_like,  # state_like with amsgrad, else None: compiled without the max
-    probe,  # None, or (partials (chunks, len(ADAM)), float64 [lr, eps], c2 per tensor)
+    probe,  # None, or (partials (chunks, len(ADAM)), float64 [lr, eps], c2 per
+    # tensor, thresholds per tensor, bins and cuts per table, table and
+    # histogram stride per tensor)
 ):
     weight1, beta2, weight2, eps = hyper[0], hyper[1], hyper[2], hyper[3]
     l2, decay, sign = hyper[4], hyper[5], hyper[6]
-    one, zero = sign * sign, sign - sign
-    block, before = _block(probe), _scratch(probe, hyper)
+    lerp, zero = _lerp_form(weight1, sign * sign), sign - sign
+    before, counts = _scratch(probe, hyper), _counts(probe)
     for c in range(first, last):
         t, start = chunk_tensor[c], chunk_start[c]
         stop = min(start + CHUNK, sizes[t])
         step_size, sqrt_bias2 = step_sizes[t], sqrt_bias2s[t]
         _open(probe, c, stop - start)
-        for lo in range(start, stop, block):  # one block unless probed
-            hi = min(lo + block, stop)
-            theta = _view(params, sizes, t, lo, hi, param_like)
-            grad = _view(grads, sizes, t, lo, hi, grad_like)
-            m_ = _view(exp_avgs, sizes, t, lo, hi, state_like)
-            v_ = _view(exp_avg_sqs, sizes, t, lo, hi, state_like)
-            vmax_ = _optional_view(max_exp_avg_sqs, sizes, t, lo, hi, max_like)
-            used = _either(vmax_, v_)
-            for i in range(hi - lo):
-                th0 = _load(theta, i, hyper)
-                th = th0 * decay  # decoupled decay, else decay=1
-                raw = _load(grad, i, hyper)
-                g = sign * raw
-                if l2 != 0:
-                    g = g + l2 * th
-                m = _lerp(_load(m_, i, hyper), g, weight1, one)
-                v = _load(v_, i, hyper) * beta2 + weight2 * (g * g)
-                _store(m_, i, m)
-                _store(v_, i, v)
-                v = _running_max(vmax_, i, v, hyper)
-                denom = np.sqrt(v) / sqrt_bias2 + eps
-                update = zero if denom == 0 else m / denom
-                new = th - step_size * update
-                _store(theta, i, new)
-                _keep(before, i, th0, None)
-            _adam_block(probe, before, c, t, theta, grad, used, lo, hyper)
+        theta = _view(params, sizes, t, start, stop, param_like)
+        grad = _view(grads, sizes, t, start, stop, grad_like)
+        m_ = _view(exp_avgs, sizes, t, start, stop, state_like)
+        v_ = _view(exp_avg_sqs, sizes, t, start, stop, state_like)
+        vmax_ = _optional_view(max_exp_avg_sqs, sizes, t, start, stop, max_like)
+        used = _either(vmax_, v_)
+        grad_sq = update_sq = param_sq = _zero(probe, hyper)
+        low, high = _empty_range(probe, hyper)
+        for i in range(stop - start):
+            th0 = _load(theta, i, hyper)
+            th = th0 * decay  # decoupled decay, else decay=1
+            raw = _load(grad, i, hyper)
+            g = sign * raw
+            if l2 != 0:
+                g = g + l2 * th
+            m = _lerp(_load(m_, i, hyper), g, lerp)
+            v = _load(v_, i, hyper) * beta2 + weight2 * (g * g)
+            _store(m_, i, m)
+            _store(v_, i, v)
+            v = _running_max(vmax_, i, v, hyper)
+            denom = np.sqrt(v) / sqrt_bias2 + eps
+            update = zero if denom == 0 else m / denom
+            new = th - step_size * update
+            _store(theta, i, new)
+            _keep(before, i, th0, None)
+            after = _as_stored(theta, new)
+            delta = after - th0
+            grad_sq = _add(probe, grad_sq, raw, raw)
+            update_sq = _add(probe, update_sq, delta, delta)
+            param_sq = _add(probe, param_sq, after, after)
+            low, high = _widen(probe, low, high, _as_stored(used, v))
+        sums = (grad_sq, update_sq, param_sq, low, high)
+        _adam_chunk(probe, before, c, t, theta, grad, used, start, hyper, sums, counts)

@@ -18,13 +18,16 @@ with ``E = HIST_MIN_EXP``; bin 0 holds everything below (and NaN), the last
 everything above. Octaves are read off the float's exponent bits, which costs no
 logarithm. ``eps_dominated``, ``step_min`` and ``step_max`` cover every coordinate;
 the histogram covers a fixed sample, the coordinates whose index in the flattened
-tensor is a multiple of ``HIST_STRIDE`` (``ceil(numel / HIST_STRIDE)`` of them,
-element 0 always among them), so the median step read from it is an estimate from
-that 1-in-``HIST_STRIDE`` sample. Binning each sampled step exactly costs a root
-and two divisions; doing so for every coordinate would cost more than the step.
+tensor is a multiple of :func:`hist_stride` (``ceil(numel / stride)`` of them,
+element 0 always among them, about ``HIST_SAMPLES`` at most), so the median
+step read from it is an estimate from that sample. Binning a step costs a table
+lookup that the vectorized update loop cannot do; for every coordinate of a
+large tensor it would cost more than the probe's whole budget.
 """
 
 from __future__ import annotations
+
+import math
 
 COMMON = ("numel", "sum_grad_sq", "sum_update_sq", "sum_param_sq", "nonfinite_grads")
 MOMENTUM = (*COMMON, "sum_grad_dot_prev_m", "sum_m_sq")
@@ -40,10 +43,29 @@ ADAM = (
     *(f"hist{k}" for k in range(HIST_BINS)),
 )
 HIST_START = ADAM.index("hist0")
-#: The histogram counts coordinates ``0, HIST_STRIDE, 2·HIST_STRIDE, ...``.
-#: Prime, so the sample does not alias with power-of-two row lengths: with 16,
-#: a (256, 64) weight would sample only input columns 0, 16, 32 and 48.
-HIST_STRIDE = 17
+#: The least histogram stride. Binning a sampled step costs about as much as
+#: updating 2 coordinates, so a 1-in-61 sample costs ~3% of the step.
+HIST_STRIDE = 61
+#: About the most coordinates of one tensor the histogram samples: enough to
+#: place an octave-wide median, few enough to cost nothing on 10M elements.
+HIST_SAMPLES = 1 << 12
+
+
+def hist_stride(numel: int) -> int:
+    """The histogram's stride for a tensor of ``numel`` elements: it counts
+    coordinates ``0, s, 2s, ...`` with ``s`` the least prime that is at least
+    ``HIST_STRIDE`` and ``numel / HIST_SAMPLES``. Prime, so the sample does not
+    alias with the row lengths of a weight (a power of two, or any length below
+    ``s``): with a stride of 16, a (256, 64) weight would sample only input
+    columns 0, 16, 32 and 48.
+
+    >>> hist_stride(1000), hist_stride(10_000_000)
+    (61, 2447)
+    """
+    stride = max(HIST_STRIDE, -(-numel // HIST_SAMPLES))
+    while any(stride % d == 0 for d in range(2, math.isqrt(stride) + 1)):
+        stride += 1
+    return stride
 
 
 def column(layout: tuple[str, ...], name: str) -> int:
@@ -52,8 +74,6 @@ def column(layout: tuple[str, ...], name: str) -> int:
 
 def octave_bin(value: float) -> int:
     """The histogram bin of a positive ``value`` (the same rule the kernels apply)."""
-    import math
-
     if not value > 0:
         return 0
     exponent = math.frexp(value)[

@@ -171,10 +171,10 @@ def torch_adam_row(
     correction2: float,
 ) -> np.ndarray:
     """The Adam row from snapshots; ``v_used`` is v (or its running max) after the
-    step. The histogram bins every ``layout.HIST_STRIDE``-th step only."""
+    step. The histogram bins every ``layout.hist_stride(numel)``-th step only."""
     root = torch.sqrt(_f64(v_used) / correction2)
     step = (lr / (root + eps)).reshape(-1)
-    sample = step[:: layout.HIST_STRIDE]
+    sample = step[:: layout.hist_stride(step.numel())]
     counts = torch.bincount(octave_bins(sample), minlength=layout.HIST_BINS).double()
     return np.array(
         [
