@@ -144,35 +144,45 @@ def bench_bandwidth(numel: int, threads: int, rounds: int) -> dict[str, Any]:
 
 def bench_probes(numel: int, threads: int, rounds: int) -> dict[str, Any]:
     """``optiscope.Adam`` steps on one float32 tensor: probes off, probes on every
-    step, and on every 10th step (``every=10``), interleaved. Each timed call is 10
-    steps, so the ``every=10`` variant pays exactly one measured step; times are
-    per step, and overhead = probed / off - 1."""
+    step, and on every 10th step (``every=10``). One optimizer and one set of
+    tensors serve all three, the probe attached or removed between timings:
+    separate tensors would differ by where their pages landed (measured here:
+    up to 10% between two identical unprobed optimizers). Each timed call is
+    10 steps, so the ``every=10`` variant pays exactly one measured step; times
+    are per step, medians over ``rounds`` interleaved rounds, and
+    overhead = probed / off - 1."""
     torch.set_num_threads(threads)
-    opts = {}
-    for name, every in (("probes off", None), ("probes on", 1), ("every=10", 10)):
-        w = torch.nn.Parameter(torch.randn(numel))
-        w.grad = torch.randn(numel)
-        opts[name] = optiscope.Adam([w], lr=LR)
-        if every is not None:
-            optiscope.probe(opts[name], every=every)
+    w = torch.nn.Parameter(torch.randn(numel))
+    w.grad = torch.randn(numel)
+    opt = optiscope.Adam([w], lr=LR)
+    settings = {"probes off": None, "probes on": 1, "every=10": 10}
 
-    def ten_steps(opt: torch.optim.Optimizer) -> None:
+    def ten_steps(every: int | None) -> float:
+        optiscope.probes.remove(opt)
+        if every is not None:
+            optiscope.probe(opt, every=every)
+        start = time.perf_counter()
         for _ in range(10):
             opt.step()
+        return (time.perf_counter() - start) / 10
 
-    timings = round_robin(
-        {name: (lambda opt=opt: ten_steps(opt)) for name, opt in opts.items()}, rounds
-    )
-    for t in timings.values():  # per step
-        for key in ("median_s", "min_s", "max_s"):
-            t[key] /= 10
+    for every in settings.values():  # warm-up: compile, allocate state
+        ten_steps(every)
+    times: dict[str, list[float]] = {name: [] for name in settings}
+    for _ in range(rounds):
+        for name, every in settings.items():
+            times[name].append(ten_steps(every))
+    optiscope.probes.remove(opt)
+    timings = {
+        name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t)}
+        for name, t in times.items()
+    }
     off = timings["probes off"]["median_s"]
-    overhead = timings["probes on"]["median_s"] / off
     return {
         "numel": numel,
         "threads": threads,
         "timings": timings,
-        "overhead": overhead - 1,
+        "overhead": timings["probes on"]["median_s"] / off - 1,
         "overhead_every_10": timings["every=10"]["median_s"] / off - 1,
     }
 

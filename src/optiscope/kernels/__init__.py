@@ -166,18 +166,10 @@ def _fold(
     """Reduce per-chunk partial rows per tensor, in chunk order, into ``stats[rows]``:
     sums add, ``step_min``/``step_max`` combine (NaN wins, as in torch)."""
     from ..probes import layout
+    from . import cpu
 
-    firsts = np.flatnonzero(np.r_[True, chunk_tensor[1:] != chunk_tensor[:-1]])
-    sums = np.add.reduceat(partials, firsts, axis=0)
-    if partials.shape[1] == len(layout.ADAM):
-        low = layout.ADAM.index("step_min")
-        high = layout.ADAM.index("step_max")
-        sums[:, low] = np.minimum.reduceat(partials[:, low], firsts)
-        sums[:, high] = np.maximum.reduceat(partials[:, high], firsts)
-        stats[rows, low] = np.minimum(stats[rows, low], sums[:, low])
-        stats[rows, high] = np.maximum(stats[rows, high], sums[:, high])
-        sums[:, [low, high]] = 0.0
-    stats[rows] += sums
+    extrema = partials.shape[1] == len(layout.ADAM)
+    cpu.fold_partials(stats, rows, partials, chunk_tensor, extrema)
 
 
 def _groups(*columns: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
@@ -279,7 +271,10 @@ def _adam_cpu(
         probe = None
         if stats is not None:
             partials = np.empty((chunk_tensor.size, stats.shape[1]))
-            unique, inverse = np.unique(c2, return_inverse=True)
+            if (c2 == c2[0]).all():  # the usual case: one step count for all
+                unique, inverse = c2[:1], np.zeros(c2.size, np.int64)
+            else:
+                unique, inverse = np.unique(c2, return_inverse=True)
             below = cpu.step_thresholds(lr, eps, unique)
             bins, cuts = cpu.step_bins(below)
             tables = inverse.astype(np.int64)

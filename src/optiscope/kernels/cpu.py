@@ -790,6 +790,44 @@ def step_bins(below: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return bins, cuts
 
 
+@numba.njit(**_HOST_JIT)
+def fold_partials(stats, rows, partials, chunk_tensor, extrema):
+    """:func:`optiscope.kernels._fold`: each tensor's chunks summed in chunk
+    order, then added to its row of ``stats``; with ``extrema``, Adam's
+    ``step_min``/``step_max`` columns take the minimum and maximum instead,
+    NaN winning."""
+    total = np.zeros(partials.shape[1])
+    c = 0
+    while c < chunk_tensor.size:
+        tensor = chunk_tensor[c]
+        total[:] = partials[c]
+        c += 1
+        while c < chunk_tensor.size and chunk_tensor[c] == tensor:
+            for k in range(total.size):
+                if extrema and k == _STEP_MIN:
+                    total[k] = _nan_min(total[k], partials[c, k])
+                elif extrema and k == _STEP_MAX:
+                    total[k] = -_nan_min(-total[k], -partials[c, k])
+                else:
+                    total[k] += partials[c, k]
+            c += 1
+        row = stats[rows[tensor]]
+        for k in range(total.size):
+            if extrema and k == _STEP_MIN:
+                row[k] = _nan_min(row[k], total[k])
+            elif extrema and k == _STEP_MAX:
+                row[k] = -_nan_min(-row[k], -total[k])
+            else:
+                row[k] += total[k]
+
+
+@numba.njit(**_HOST_JIT)
+def _nan_min(a, b):
+    if a != a or b != b:
+        return np.nan
+    return min(a, b)
+
+
 _MANTISSA = np.uint64((1 << 52) - 1)
 
 

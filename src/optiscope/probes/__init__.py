@@ -113,7 +113,8 @@ class OptimizerProbe(_Probe):
             for i in index.tolist()
         ]
         per_param = [measure.common_metrics(row) for row in rows]
-        pooled = measure.common_metrics(measure.merge_rows(rows, self.layout))
+        merged = measure.merge_rows(rows, self.layout)
+        pooled = measure.common_metrics(merged)
         summary: dict[str, Any] = {"group": group_index, "lr": group["lr"], **pooled}
         if self.layout is layout.MOMENTUM:
             beta = group["momentum"]
@@ -134,7 +135,6 @@ class OptimizerProbe(_Probe):
             assert corrections is not None
             for metrics, row, c in zip(per_param, rows, corrections, strict=True):
                 metrics.update(measure.adam_metrics(row, c))
-            merged = measure.merge_rows(rows, self.layout)
             group_adam = measure.adam_metrics(merged, corrections[0])
             del group_adam["bias_correction1"], group_adam["bias_correction2"]
             summary.update(group_adam)

@@ -27,6 +27,7 @@ large tensor it would cost more than the probe's whole budget.
 
 from __future__ import annotations
 
+import functools
 import math
 
 COMMON = ("numel", "sum_grad_sq", "sum_update_sq", "sum_param_sq", "nonfinite_grads")
@@ -51,6 +52,7 @@ HIST_STRIDE = 61
 HIST_SAMPLES = 1 << 12
 
 
+@functools.lru_cache(maxsize=4096)
 def hist_stride(numel: int) -> int:
     """The histogram's stride for a tensor of ``numel`` elements: it counts
     coordinates ``0, s, 2s, ...`` with ``s`` the least prime that is at least

@@ -65,16 +65,20 @@ def histogram_quantile(counts: np.ndarray, q: float) -> float:
     return low * 2.0**fraction
 
 
+_STEP_MIN = layout.ADAM.index("step_min")
+_STEP_MAX = layout.ADAM.index("step_max")
+_EPS_DOMINATED = layout.ADAM.index("eps_dominated")
+
+
 def adam_metrics(row: np.ndarray, corrections: tuple[float, float]) -> dict[str, Any]:
-    a = layout.ADAM
     counts = row[layout.HIST_START :]
     n = max(row[0], 1.0)
     return {
-        "step_min": float(row[a.index("step_min")]),
+        "step_min": float(row[_STEP_MIN]),
         "step_median": histogram_quantile(counts, 0.5),
-        "step_max": float(row[a.index("step_max")]),
-        "step_histogram": [int(c) for c in counts],
-        "eps_dominated_fraction": float(row[a.index("eps_dominated")] / n),
+        "step_max": float(row[_STEP_MAX]),
+        "step_histogram": counts.astype(np.int64).tolist(),
+        "eps_dominated_fraction": float(row[_EPS_DOMINATED] / n),
         "bias_correction1": corrections[0],
         "bias_correction2": corrections[1],
     }
