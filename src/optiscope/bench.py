@@ -149,8 +149,9 @@ def bench_probes(numel: int, threads: int, rounds: int) -> dict[str, Any]:
     separate tensors would differ by where their pages landed (measured here:
     up to 10% between two identical unprobed optimizers). Each timed call is
     10 steps, so the ``every=10`` variant pays exactly one measured step; times
-    are per step, medians over ``rounds`` interleaved rounds, and
-    overhead = probed / off - 1."""
+    are per step, medians over ``rounds`` interleaved rounds, and the overhead
+    is the median over rounds of probed / off - 1, each ratio taken between
+    neighbouring timings, so that the machine's drift cancels."""
     torch.set_num_threads(threads)
     w = torch.nn.Parameter(torch.randn(numel))
     w.grad = torch.randn(numel)
@@ -177,13 +178,17 @@ def bench_probes(numel: int, threads: int, rounds: int) -> dict[str, Any]:
         name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t)}
         for name, t in times.items()
     }
-    off = timings["probes off"]["median_s"]
+    off = np.array(times["probes off"])
+
+    def overhead(name: str) -> float:
+        return float(np.median(np.array(times[name]) / off) - 1)
+
     return {
         "numel": numel,
         "threads": threads,
         "timings": timings,
-        "overhead": timings["probes on"]["median_s"] / off - 1,
-        "overhead_every_10": timings["every=10"]["median_s"] / off - 1,
+        "overhead": overhead("probes on"),
+        "overhead_every_10": overhead("every=10"),
     }
 
 
@@ -364,7 +369,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for t in threads:
             progress.update(task, description=f"Adam probes on/off {t}t")
             # A few percent between two large times: more rounds than the rest.
-            probe_rounds = rounds if quick else max(rounds, 15)
+            probe_rounds = rounds if quick else max(rounds, 21)
             report["probes"].append(bench_probes(sizes[0], t, probe_rounds))
             progress.advance(task)
         report["dropout"] = []

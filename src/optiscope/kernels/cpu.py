@@ -252,11 +252,11 @@ def _lerp(a, b, form):
 # Reassociation is allowed on the sums' additions only (:func:`_tally`, a flag
 # on the instruction), so they split across vector lanes while the update keeps
 # its IEEE order. A float32 chunk sum thus adds at most ``CHUNK / lanes`` terms
-# per lane (4096 with LLVM's 16 lanes for float32 on AVX2/AVX-512), a relative
-# error below ``4096 · 2**-24 ≈ 2.4e-4`` for sums of squares, and near
-# ``2**-24 · sqrt(4096)`` for typical data; chunks add in float64. ``v``'s
-# extrema are taken on the float's bits (a non-negative float orders like its
-# bits; a NaN's lie above +inf's), which needs no flag.
+# per lane (8192 with the 8 float32 lanes of AVX2; LLVM picks 16 here), a
+# relative error below ``8192 · 2**-24 ≈ 4.9e-4`` of the sum of the terms'
+# magnitudes, and near ``2**-24 · sqrt(8192)`` for typical data; chunks add in
+# float64. ``v``'s extrema are taken on the float's bits (a non-negative float
+# orders like its bits; a NaN's lie above +inf's), which needs no flag.
 
 _EXPONENT = np.uint64(52)
 _EXPONENT_MASK = np.uint64(0x7FF)

@@ -57,23 +57,43 @@ class _Probe:
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
         self.source = source
         self.every = every
-        self.history = History()
+        self.history = History(before_read=self._flush)
         self.sinks: list[Sink] = [self.history, *sinks]
-        self.latest: dict[str, Any] | None = None
+        self._latest: dict[str, Any] | None = None
         self.calls = 0
 
+    @property
+    def latest(self) -> dict[str, Any] | None:
+        """The newest record, or None before the first measured call."""
+        self._flush()
+        return self._latest
+
+    def _flush(self) -> None:
+        """Build any records still pending (see :class:`OptimizerProbe`)."""
+
     def _emit(self, record: dict[str, Any]) -> None:
-        self.latest = record
+        self._latest = record
         for sink in self.sinks:
             sink.write(record)
 
     def close(self) -> None:
+        self._flush()
         for sink in self.sinks:
             sink.close()
 
 
 class OptimizerProbe(_Probe):
-    """Collects the rows an optimizer's step fills and turns them into a record."""
+    """Collects the rows an optimizer's step fills and turns them into a record.
+
+    A step only stores its rows (and the hyperparameters it ran with); the
+    record of numbers is built when something reads it (``latest``,
+    ``optimizer.probes``, ``history``), in step order, so the result is the
+    same as building it at once. Right after the step the CPU caches hold the
+    parameters just streamed, not the interpreter's working set, and building
+    a record there took ~0.3 ms, 5% of a two-thread 10M-element Adam step.
+    With a sink besides the history (a file, TensorBoard, a callback), each
+    record is built and written at its step, so an interrupted run loses none.
+    """
 
     def __init__(
         self, optimizer: torch.optim.Optimizer, sinks: Iterable[Sink], every: int
@@ -82,8 +102,8 @@ class OptimizerProbe(_Probe):
         self.optimizer = optimizer
         self.layout: tuple[str, ...] = optimizer._probe_layout  # type: ignore[attr-defined]
         self._trackers: dict[int, measure.MomentumTracker] = {}
-        self._groups: list[dict[str, Any]] = []
-        self._params: dict[str, Any] = {}
+        self._step_groups: list[tuple] = []
+        self._pending: list[tuple[int, list[tuple]]] = []
 
     # -- called by the optimizer's step --------------------------------------------
     def wants_this_step(self) -> bool:
@@ -105,9 +125,51 @@ class OptimizerProbe(_Probe):
         rows: np.ndarray,
         corrections: list[tuple[float, float]] | None = None,
     ) -> None:
-        names = group.get("param_names")
         position = {id(p): i for i, p in enumerate(group["params"])}
         index = np.array([position[id(p)] for p in params])
+        # What the record needs from the group, as it was at this step.
+        options = {
+            "lr": group["lr"],
+            "momentum": group.get("momentum"),
+            "names": group.get("param_names"),
+            "size": len(group["params"]),
+        }
+        self._step_groups.append((group_index, options, index, rows, corrections))
+
+    def finish_step(self) -> None:
+        self._pending.append((self.calls, self._step_groups))
+        self._step_groups = []
+        if len(self.sinks) > 1:
+            self._flush()
+
+    # -- building records -------------------------------------------------------------
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for step, groups in pending:
+            summaries: list[dict[str, Any]] = []
+            params: dict[str, Any] = {}
+            for entry in groups:
+                summary, per_param = self._group_record(*entry)
+                summaries.append(summary)
+                params.update(per_param)
+            self._emit(
+                {
+                    "step": step,
+                    "source": self.source,
+                    "groups": summaries,
+                    "params": params,
+                }
+            )
+
+    def _group_record(
+        self,
+        group_index: int,
+        options: dict[str, Any],
+        index: np.ndarray,
+        rows: np.ndarray,
+        corrections: list[tuple[float, float]] | None,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        names = options["names"]
         labels = [
             names[i] if names else f"group{group_index}.param{i}"
             for i in index.tolist()
@@ -115,15 +177,15 @@ class OptimizerProbe(_Probe):
         per_param = [measure.common_metrics(row) for row in rows]
         merged = measure.merge_rows(rows, self.layout)
         pooled = measure.common_metrics(merged)
-        summary: dict[str, Any] = {"group": group_index, "lr": group["lr"], **pooled}
+        summary: dict[str, Any] = {"group": group_index, "lr": options["lr"], **pooled}
         if self.layout is layout.MOMENTUM:
-            beta = group["momentum"]
+            beta = options["momentum"]
             tracker = self._trackers.setdefault(
-                group_index, measure.MomentumTracker(len(group["params"]) + 1)
+                group_index, measure.MomentumTracker(options["size"] + 1)
             )
             ratios = tracker.update(index, rows)
             pooled_ratio = tracker.update(
-                np.array([len(group["params"])]), rows.sum(0)[None]
+                np.array([options["size"]]), rows.sum(0)[None]
             )
             predicted = (1 - beta) / (1 + beta)
             for metrics, ratio in zip(per_param, ratios, strict=True):
@@ -138,18 +200,7 @@ class OptimizerProbe(_Probe):
             group_adam = measure.adam_metrics(merged, corrections[0])
             del group_adam["bias_correction1"], group_adam["bias_correction2"]
             summary.update(group_adam)
-        self._groups.append(summary)
-        self._params.update(zip(labels, per_param, strict=True))
-
-    def finish_step(self) -> None:
-        record = {
-            "step": self.calls,
-            "source": self.source,
-            "groups": self._groups,
-            "params": self._params,
-        }
-        self._groups, self._params = [], {}
-        self._emit(record)
+        return summary, dict(zip(labels, per_param, strict=True))
 
 
 class DropoutProbe(_Probe):

@@ -36,13 +36,24 @@ def flatten(record: dict[str, Any]) -> Iterator[tuple[str, str, float]]:
 
 
 class History:
-    """Keeps every record in memory: ``probe.history.records``."""
+    """Keeps every record in memory: ``probe.history.records``.
 
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
+    ``before_read`` runs before the records are read: an optimizer's probe
+    builds its pending records there (see ``OptimizerProbe``).
+    """
+
+    def __init__(self, before_read: Callable[[], None] | None = None) -> None:
+        self._records: list[dict[str, Any]] = []
+        self._before_read = before_read
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        if self._before_read is not None:
+            self._before_read()
+        return self._records
 
     def write(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
+        self._records.append(record)
 
     def series(self, scope: str, metric: str) -> list[float]:
         """One metric of one scope (``"group0"`` or a parameter name) over the steps."""
