@@ -351,3 +351,37 @@ def test_histogram_sample_does_not_alias_with_rows() -> None:
     hist = opt.probes["params"]["group0.param0"]["step_histogram"]
     dead = hist[layout.octave_bin(1e-3 / 1e-8)]
     assert abs(dead / sum(hist) - 1 / 8) < 0.03
+
+
+@pytest.mark.parametrize("cls", [optiscope.Momentum, optiscope.Adam])
+def test_records_built_when_read_equal_records_built_at_each_step(cls) -> None:
+    """Without a sink a step only keeps its rows; the records built later, in
+    order, are the ones a sink gets at each step, learning rate changes by a
+    scheduler and momentum's running estimate included."""
+
+    def run(sinks):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 4)
+        opt = cls(model.named_parameters(), lr=0.1)
+        probe = optiscope.probe(opt, sinks=sinks)
+        schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        for _ in range(5):
+            opt.zero_grad()
+            model(torch.randn(8, 6)).pow(2).mean().backward()
+            opt.step()
+            schedule.step()
+        return probe
+
+    eager_records: list = []
+    eager = run([CallbackSink(eager_records.append)])
+    lazy = run([])
+    assert lazy._pending  # nothing built yet
+    assert lazy.history.records == eager.history.records == eager_records
+    assert [r["groups"][0]["lr"] for r in eager_records] == [
+        0.1,
+        0.1,
+        0.05,
+        0.05,
+        0.025,
+    ]
+    assert lazy.latest == eager_records[-1] and not lazy._pending
