@@ -237,11 +237,15 @@ def _lerp(a, b, form):
 # exits). The whole chunk is one loop; what costs more than the loop can hide
 # is done afterwards, on the chunk while it is in L2, and only where needed:
 #
-# * a float32 sum loses range, not precision: a chunk whose sum leaves
-#   ``[2**-80, inf)`` (underflowed terms, an overflow of finite values, or a
-#   non-finite value) is summed again in float64 (:func:`_sums64_adam`,
-#   :func:`_sums64_momentum`), from the chunk and from the θ-before (and, for
-#   momentum, the m-before) the loop keeps in a scratch chunk;
+# * a float32 sum loses range, not precision: a chunk whose Σg² or Σθ² (or
+#   momentum's Σm²) leaves ``[2**-80, inf)`` (underflowed terms, an overflow of
+#   finite values, or a non-finite value) is summed again in float64
+#   (:func:`_sums64_adam`, :func:`_sums64_momentum`) from the chunk, which the
+#   step leaves holding g, θ and m. Σ(Δθ)² and momentum's Σg·m_prev need θ and
+#   m from before the step, which are gone (keeping them in a scratch chunk
+#   cost 3-4% of the step): they stay float32 sums, whose terms keep only an
+#   absolute 2**-150 below 2**-126 (an update RMS off by under 3e-23) and
+#   overflow at 2**128 (a change ``|Δθ| >= 2**64`` reports inf);
 # * non-finite gradients are counted only where Σg² is not finite;
 # * ε-dominated coordinates are counted only where the chunk's least ``v`` is
 #   below the threshold;
@@ -487,42 +491,6 @@ def _open_overload(probe, c, n):
     return open_chunk
 
 
-def _scratch(probe, like):
-    """A probed kernel's buffer of one chunk (compute dtype), for the second pass."""
-
-
-@overload(_scratch)
-def _scratch_overload(probe, like):
-    if isinstance(probe, types.NoneType):
-        return lambda probe, like: None
-    return lambda probe, like: np.empty(CHUNK, like.dtype)
-
-
-def _keep(scratch, i, value, other):
-    """``scratch[i] = value`` where the kernel is probed; given a pair of
-    buffers, ``scratch[0][i], scratch[1][i] = value, other``."""
-
-
-@overload(_keep)
-def _keep_overload(scratch, i, value, other):
-    if isinstance(scratch, types.NoneType) or (
-        isinstance(scratch, types.BaseTuple) and isinstance(scratch[0], types.NoneType)
-    ):
-        return lambda scratch, i, value, other: None
-    if isinstance(scratch, types.BaseTuple):
-
-        def keep_pair(scratch, i, value, other):
-            scratch[0][i] = value
-            scratch[1][i] = other
-
-        return keep_pair
-
-    def keep(scratch, i, value, other):
-        scratch[i] = value
-
-    return keep
-
-
 def _counts(probe):
     """The histogram's four rows of counts (see :func:`_adam_chunk`), if probed."""
 
@@ -549,85 +517,68 @@ def _count_nonfinite(row, grad_sq, grad, hyper):
 
 
 @numba.njit(**_JIT)
-def _sums64_adam(before, theta, grad, v_used, hyper):
-    """A chunk's Σg², Σ(Δθ)², Σθ² in float64, and the bits of its least and
-    greatest ``|v|`` (:func:`_order_bits`)."""
-    grad_sq, update_sq, param_sq = 0.0, 0.0, 0.0
+def _sums64_adam(theta, grad, v_used, hyper):
+    """A chunk's Σg² and Σθ² in float64, and the bits of its least and greatest
+    ``|v|`` (:func:`_order_bits`), from the chunk as the step left it."""
+    grad_sq, param_sq = 0.0, 0.0
     low, high = _ALL_BITS, _NO_BITS
     for i in range(theta.size):
         r = np.float64(_load(grad, i, hyper))
         after = np.float64(_load(theta, i, hyper))
-        delta = after - np.float64(before[i])
         bits = _order_bits(np.float64(_load(v_used, i, hyper)))
         grad_sq = _tally(grad_sq, r * r)
-        update_sq = _tally(update_sq, delta * delta)
         param_sq = _tally(param_sq, after * after)
         low, high = _umin(low, bits), _umax(high, bits)
-    return grad_sq, update_sq, param_sq, low, high
+    return grad_sq, param_sq, low, high
 
 
 @numba.njit(**_JIT)
-def _sums64_momentum(before, previous, theta, grad, buffer, hyper, sign, decay):
-    """A chunk's Σg², Σ(Δθ)², Σθ², Σg·m_prev, Σm² in float64; ``g`` in
-    Σg·m_prev is the gradient the EMA averages."""
-    grad_sq, update_sq, param_sq, grad_m, m_sq = 0.0, 0.0, 0.0, 0.0, 0.0
+def _sums64_momentum(theta, grad, buffer, hyper):
+    """A chunk's Σg², Σθ² and Σm² in float64, from the chunk as the step left it."""
+    grad_sq, param_sq, m_sq = 0.0, 0.0, 0.0
     for i in range(theta.size):
         r = np.float64(_load(grad, i, hyper))
-        th = np.float64(before[i])
         after = np.float64(_load(theta, i, hyper))
         m = np.float64(_load(buffer, i, hyper))
-        g = r * sign + decay * th
-        delta = after - th
         grad_sq = _tally(grad_sq, r * r)
-        update_sq = _tally(update_sq, delta * delta)
         param_sq = _tally(param_sq, after * after)
-        grad_m = _tally(grad_m, g * np.float64(previous[i]))
         m_sq = _tally(m_sq, m * m)
-    return grad_sq, update_sq, param_sq, grad_m, m_sq
+    return grad_sq, param_sq, m_sq
 
 
-def _momentum_chunk(probe, scratch, c, theta, grad, buffer, hyper, sums):
-    """Add a chunk's ``sums`` (Σg², Σ(Δθ)², Σθ², Σg·m_prev, Σm² from the loop)
-    to its row ``c``, summed again in float64 where one is not trusted."""
+def _momentum_chunk(probe, c, theta, grad, buffer, hyper, sums):
+    """Fill chunk ``c``'s row from the loop's ``sums`` (Σg², Σ(Δθ)², Σθ²,
+    Σg·m_prev, Σm²), taking Σg², Σθ² and Σm² again in float64 from the chunk
+    where one is not trusted. Σ(Δθ)² and Σg·m_prev have no second pass: what
+    they need (θ and m before the step) is gone."""
 
 
 @overload(_momentum_chunk)
-def _momentum_chunk_overload(probe, scratch, c, theta, grad, buffer, hyper, sums):
+def _momentum_chunk_overload(probe, c, theta, grad, buffer, hyper, sums):
     if isinstance(probe, types.NoneType):
-        return lambda probe, scratch, c, theta, grad, buffer, hyper, sums: None
+        return lambda probe, c, theta, grad, buffer, hyper, sums: None
 
-    def chunk_end(probe, scratch, c, theta, grad, buffer, hyper, sums):
+    def chunk_end(probe, c, theta, grad, buffer, hyper, sums):
         grad_sq, update_sq, param_sq, grad_m, m_sq = sums
-        if not (
-            _trusted(grad_sq)
-            and _trusted(update_sq)
-            and _trusted(param_sq)
-            and _trusted(grad_m)
-            and _trusted(m_sq)
-        ):
-            before, previous = scratch
-            sign, decay = probe[1][0], probe[1][1]
-            grad_sq, update_sq, param_sq, grad_m, m_sq = _sums64_momentum(
-                before, previous, theta, grad, buffer, hyper, sign, decay
-            )
         row = probe[0][c]
         row[1] = grad_sq
         row[2] = update_sq
         row[3] = param_sq
         row[5] = grad_m
         row[6] = m_sq
-        _count_nonfinite(row, np.float64(grad_sq), grad, hyper)
+        if not (_trusted(grad_sq) and _trusted(param_sq) and _trusted(m_sq)):
+            row[1], row[3], row[6] = _sums64_momentum(theta, grad, buffer, hyper)
+        _count_nonfinite(row, row[1], grad, hyper)
 
     return chunk_end
 
 
-def _adam_chunk(
-    probe, before, c, tensor, theta, grad, v_used, start, hyper, sums, counts
-):
+def _adam_chunk(probe, c, tensor, theta, grad, v_used, start, hyper, sums, counts):
     """Fill chunk ``c``'s row (tensor index ``start`` on). ``sums`` is the
-    loop's Σg², Σ(Δθ)², Σθ² and the bits of the least and greatest ``|v|``,
-    summed again in float64 where one is not trusted (a NaN ``v`` sorts above
-    +inf, so it always is).
+    loop's Σg², Σ(Δθ)², Σθ² and the bits of the least and greatest ``|v|``;
+    Σg², Σθ² and the extrema are taken again in float64 from the chunk where
+    one is not trusted (a NaN ``v`` sorts above +inf, so it always is).
+    Σ(Δθ)² has no second pass: θ before the step is gone.
 
     The effective step ``s = lr/(sqrt(v/c2)+eps)`` falls as ``v`` grows, so
     ``s``'s extrema are ``s`` of ``v``'s. ε-dominated is ``v`` below a threshold
@@ -640,34 +591,28 @@ def _adam_chunk(
 
 @overload(_adam_chunk)
 def _adam_chunk_overload(
-    probe, before, c, tensor, theta, grad, v_used, start, hyper, sums, counts
+    probe, c, tensor, theta, grad, v_used, start, hyper, sums, counts
 ):
     if isinstance(probe, types.NoneType):
         return (
-            lambda probe, before, c, tensor, theta, grad, v_used, start, hyper, sums, counts: (
+            lambda probe, c, tensor, theta, grad, v_used, start, hyper, sums, counts: (
                 None
             )
         )
 
-    def chunk_end(
-        probe, before, c, tensor, theta, grad, v_used, start, hyper, sums, counts
-    ):
+    def chunk_end(probe, c, tensor, theta, grad, v_used, start, hyper, sums, counts):
         grad_sq, update_sq, param_sq, low_bits, high_bits = sums
-        low, high = _bits_value(low_bits), _bits_value(high_bits)
-        if not (
-            _trusted(grad_sq)
-            and _trusted(update_sq)
-            and _trusted(param_sq)
-            and high <= np.inf
-        ):
-            wide = _sums64_adam(before, theta, grad, v_used, hyper)
-            grad_sq, update_sq, param_sq = wide[0], wide[1], wide[2]
-            low, high = _bits_value(wide[3]), _bits_value(wide[4])
         row = probe[0][c]
         row[1] = grad_sq
         row[2] = update_sq
         row[3] = param_sq
-        _count_nonfinite(row, np.float64(grad_sq), grad, hyper)
+        low, high = _bits_value(low_bits), _bits_value(high_bits)
+        if not (_trusted(grad_sq) and _trusted(param_sq) and high <= np.inf):
+            row[1], row[3], low_bits64, high_bits64 = _sums64_adam(
+                theta, grad, v_used, hyper
+            )
+            low, high = _bits_value(low_bits64), _bits_value(high_bits64)
+        _count_nonfinite(row, row[1], grad, hyper)
         lr, eps, correction2 = probe[1][0], probe[1][1], probe[2][tensor]
         if high != high:  # a NaN step: torch's min and max are NaN too
             row[_STEP_MIN] = row[_STEP_MAX] = np.nan
@@ -885,7 +830,6 @@ def momentum_kernel(
 ):
     lr, weight, weight_decay, sign = hyper[0], hyper[1], hyper[2], hyper[3]
     lerp = _lerp_form(weight, hyper[3] * hyper[3])
-    scratch = _scratch(probe, hyper), _scratch(probe, hyper)
     for c in range(first, last):
         t, start = chunk_tensor[c], chunk_start[c]
         stop = min(start + CHUNK, sizes[t])
@@ -905,7 +849,6 @@ def momentum_kernel(
             new = th - lr * m
             _store(buffer, i, m)
             _store(theta, i, new)
-            _keep(scratch, i, th, m_prev)
             after, m_kept = _as_stored(theta, new), _as_stored(buffer, m)
             delta = after - th
             grad_sq = _add(probe, grad_sq, raw, raw)
@@ -914,7 +857,7 @@ def momentum_kernel(
             grad_m = _add(probe, grad_m, g, m_prev)
             m_sq = _add(probe, m_sq, m_kept, m_kept)
         sums = (grad_sq, update_sq, param_sq, grad_m, m_sq)
-        _momentum_chunk(probe, scratch, c, theta, grad, buffer, hyper, sums)
+        _momentum_chunk(probe, c, theta, grad, buffer, hyper, sums)
 
 
 # -- adam ----------------------------------------------------------------------------
@@ -944,7 +887,7 @@ def adam_kernel(
     weight1, beta2, weight2, eps = hyper[0], hyper[1], hyper[2], hyper[3]
     l2, decay, sign = hyper[4], hyper[5], hyper[6]
     lerp, zero = _lerp_form(weight1, sign * sign), sign - sign
-    before, counts = _scratch(probe, hyper), _counts(probe)
+    counts = _counts(probe)
     for c in range(first, last):
         t, start = chunk_tensor[c], chunk_start[c]
         stop = min(start + CHUNK, sizes[t])
@@ -974,7 +917,6 @@ def adam_kernel(
             update = zero if denom == 0 else m / denom
             new = th - step_size * update
             _store(theta, i, new)
-            _keep(before, i, th0, None)
             after = _as_stored(theta, new)
             delta = after - th0
             grad_sq = _add(probe, grad_sq, raw, raw)
@@ -982,4 +924,4 @@ def adam_kernel(
             param_sq = _add(probe, param_sq, after, after)
             low, high = _widen(probe, low, high, _as_stored(used, v))
         sums = (grad_sq, update_sq, param_sq, low, high)
-        _adam_chunk(probe, before, c, t, theta, grad, used, start, hyper, sums, counts)
+        _adam_chunk(probe, c, t, theta, grad, used, start, hyper, sums, counts)
