@@ -364,3 +364,37 @@ def test_float32_sums_count_every_element_once() -> None:
             0,
             grad_sq / 4,
         ]
+
+
+def test_float32_update_sum_keeps_its_documented_range() -> None:
+    """Σ(Δθ)² has no float64 second pass: below float32's normal range each
+    term keeps an absolute 2**-150, and a change of 2**64 or more overflows."""
+    n = 1000
+    tiny = torch.full((n,), 1e-21)  # Δθ = -lr·m = -1e-23 · g / 2: squares ~1e-47
+    grads = [torch.linspace(1.0, 2.0, n)]
+    for params, expect_inf in (
+        ([tiny.clone()], False),
+        ([torch.full((n,), 3e19)], True),
+    ):
+        before = params[0].clone()
+        rows = np.zeros((1, len(layout.MOMENTUM)))
+        lr = 1e-23 if not expect_inf else 1e20
+        kernels.momentum_(
+            params,
+            grads,
+            [torch.zeros(n)],
+            lr=lr,
+            momentum=0.5,
+            weight_decay=0.0,
+            maximize=False,
+            stats=rows,
+        )
+        exact = float((params[0].double() - before.double()).pow(2).sum())
+        got = rows[0, layout.MOMENTUM.index("sum_update_sq")]
+        if expect_inf:
+            assert np.isinf(got) and np.isfinite(exact)
+        else:
+            assert abs(got - exact) <= n * 2.0**-150
+        # Σθ² left float32's range in both cases, and was redone in float64.
+        param_sq = float(params[0].double().pow(2).sum())
+        assert rows[0, 3] == pytest.approx(param_sq, rel=1e-12)

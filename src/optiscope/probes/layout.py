@@ -9,9 +9,11 @@ bfloat16 and float16 parameters) within each 65,536-element chunk, and adds
 chunks in float64. A float32 chunk sum has a relative error below
 ``8192 · 2**-24 ≈ 4.9e-4`` of the sum of its terms' magnitudes in the worst
 case (at least 8 vector lanes of at most 8192 terms each) and near ``1e-6`` on
-typical data; a chunk sum that leaves float32's range is redone in float64
-(see :mod:`optiscope.kernels.cpu`). Counts, ``step_min`` and ``step_max`` are
-exact.
+typical data. A chunk's Σg², Σθ² or Σm² that leaves float32's range is redone
+in float64 from the chunk; Σ(Δθ)² and Σg·m_prev cannot be (θ and m from
+before the step are gone), so their terms keep an absolute ``2**-150`` below
+``2**-126`` and a change ``|Δθ| >= 2**64`` makes Σ(Δθ)² inf (see
+:mod:`optiscope.kernels.cpu`). Counts, ``step_min`` and ``step_max`` are exact.
 
 Columns shared by every optimizer:
 
