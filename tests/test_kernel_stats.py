@@ -398,3 +398,24 @@ def test_float32_update_sum_keeps_its_documented_range() -> None:
         # Σθ² left float32's range in both cases, and was redone in float64.
         param_sq = float(params[0].double().pow(2).sum())
         assert rows[0, 3] == pytest.approx(param_sq, rel=1e-12)
+
+
+def test_negative_zero_v_takes_the_second_pass_and_matches_the_oracle() -> None:
+    """A stored -0.0 in amsgrad's running max (the update keeps it: 0 > -0.0 is
+    false) has bits above +inf's in the loop's extrema; the chunk is read again,
+    and its largest step is lr/eps, as the oracle's."""
+    config = CONFIGS[4]
+    params, grads, m, v, vmax = make(torch.float32)
+    # Three of seven coordinates: the others keep positive v, so the loop's
+    # extrema alone would be wrong at both ends.
+    grads[1][:3] = 0.0
+    params[1][:3] = 0.0  # no weight-decay gradient either
+    v[1][:3] = 0.0
+    vmax[1][:3] = -0.0
+    rows, expected = probed_step(
+        config, torch.float32, 1, (params, grads, m, v, vmax), oracle=True
+    )
+    assert torch.signbit(vmax[1][:3]).all() and (vmax[1][3:] > 0).all()
+    np.testing.assert_allclose(rows[1, EXTREMA], expected[1][0][EXTREMA], rtol=1e-12)
+    lr, eps = adam_options(config)["lr"], adam_options(config)["eps"]
+    assert rows[1, EXTREMA[1]] == pytest.approx(lr / eps)
