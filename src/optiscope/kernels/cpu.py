@@ -346,35 +346,6 @@ def _order_bits(typingctx, value):
     return sig, codegen
 
 
-@intrinsic
-def _raw_bits(typingctx, value):
-    """The bits of ``value`` (float32 as uint32, float64 as uint64), sign
-    included: they order like the values for +0.0 up to +inf, and every
-    negative value (-0.0 too) or NaN lies above +inf's. One instruction fewer
-    than :func:`_order_bits` in the update loop; a chunk whose greatest bits
-    lie above +inf's is read again with :func:`_order_bits`."""
-    if value not in (types.float32, types.float64):
-        raise TypingError("value must be float32 or float64")
-    width = value.bitwidth
-    sig = types.Integer(f"uint{width}")(value)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(width))
-
-    return sig, codegen
-
-
-def _ordered(bits):
-    """Whether :func:`_raw_bits` ``bits`` are those of a value in [+0.0, +inf]."""
-
-
-@overload(_ordered)
-def _ordered_overload(bits):
-    if bits == types.uint64:
-        return lambda bits: bits <= _INF_BITS
-    return lambda bits: bits <= np.uint32(0x7F800000)
-
-
 def _unsigned_extremum(is_max):
     """The typer of an intrinsic ``max(a, b)`` (or ``min``) of two unsigned
     integers of one width, kept at that width (see :func:`_order_bits`)."""
@@ -438,7 +409,7 @@ def _empty_range_overload(probe, like):
 
 
 def _widen(probe, low, high, value):
-    """``(min(low, bits), max(high, bits))`` of ``value``'s :func:`_raw_bits`
+    """``(min(low, bits), max(high, bits))`` of ``value``'s :func:`_order_bits`
     where probed; else ``(low, high)`` unchanged."""
 
 
@@ -448,7 +419,7 @@ def _widen_overload(probe, low, high, value):
         return lambda probe, low, high, value: (low, high)
 
     def widen(probe, low, high, value):
-        bits = _raw_bits(value)
+        bits = _order_bits(value)
         return _umin(low, bits), _umax(high, bits)
 
     return widen
@@ -604,11 +575,9 @@ def _momentum_chunk_overload(probe, c, theta, grad, buffer, hyper, sums):
 
 def _adam_chunk(probe, c, tensor, theta, grad, v_used, start, hyper, sums, counts):
     """Fill chunk ``c``'s row (tensor index ``start`` on). ``sums`` is the
-    loop's Σg², Σ(Δθ)², Σθ² and the :func:`_raw_bits` of the least and greatest
-    ``v``;
+    loop's Σg², Σ(Δθ)², Σθ² and the bits of the least and greatest ``|v|``;
     Σg², Σθ² and the extrema are taken again in float64 from the chunk where
-    one is not trusted (a NaN or negative ``v``, -0.0 included, sorts above
-    +inf, so it always is).
+    one is not trusted (a NaN ``v`` sorts above +inf, so it always is).
     Σ(Δθ)² has no second pass: θ before the step is gone.
 
     The effective step ``s = lr/(sqrt(v/c2)+eps)`` falls as ``v`` grows, so
@@ -638,7 +607,7 @@ def _adam_chunk_overload(
         row[2] = update_sq
         row[3] = param_sq
         low, high = _bits_value(low_bits), _bits_value(high_bits)
-        if not (_trusted(grad_sq) and _trusted(param_sq) and _ordered(high_bits)):
+        if not (_trusted(grad_sq) and _trusted(param_sq) and high <= np.inf):
             row[1], row[3], low_bits64, high_bits64 = _sums64_adam(
                 theta, grad, v_used, hyper
             )
