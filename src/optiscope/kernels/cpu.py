@@ -207,21 +207,11 @@ def _running_max_overload(array, index, value, like):
 
 
 @numba.njit(**_JIT)
-def _lerp_form(weight, one):
-    """torch's lerp ``a + w(b-a)`` for ``w < 0.5``, else ``b - (b-a)(1-w)``, as
-    ``(from_a, scale)`` for :func:`_lerp`: ``b + (-(1-w))(b-a)`` rounds exactly
-    like ``b - (b-a)(1-w)``, so both forms are one expression with a start
-    chosen per element, which needs no branch in the vectorized loop."""
+def _lerp(a, b, weight, one):
+    """torch's lerp: ``a + w(b-a)`` for ``w < 0.5``, else ``b - (b-a)(1-w)``."""
     if weight < 0.5:
-        return True, weight
-    return False, -(one - weight)
-
-
-@numba.njit(**_JIT)
-def _lerp(a, b, form):
-    """:func:`_lerp_form`'s lerp from ``a`` to ``b``."""
-    from_a, scale = form
-    return (a if from_a else b) + scale * (b - a)
+        return a + weight * (b - a)
+    return b - (b - a) * (one - weight)
 
 
 # -- probes: sums kept by the update loop itself ----------------------------------------
@@ -829,7 +819,7 @@ def momentum_kernel(
     probe,  # None, or (partials (chunks, len(MOMENTUM)), float64 [sign, l2])
 ):
     lr, weight, weight_decay, sign = hyper[0], hyper[1], hyper[2], hyper[3]
-    lerp = _lerp_form(weight, hyper[3] * hyper[3])
+    one = hyper[3] * hyper[3]
     for c in range(first, last):
         t, start = chunk_tensor[c], chunk_start[c]
         stop = min(start + CHUNK, sizes[t])
@@ -845,7 +835,7 @@ def momentum_kernel(
             if weight_decay != 0:
                 g = g + weight_decay * th
             m_prev = _load(buffer, i, hyper)
-            m = _lerp(m_prev, g, lerp)
+            m = _lerp(m_prev, g, weight, one)
             new = th - lr * m
             _store(buffer, i, m)
             _store(theta, i, new)
@@ -886,7 +876,7 @@ def adam_kernel(
 ):
     weight1, beta2, weight2, eps = hyper[0], hyper[1], hyper[2], hyper[3]
     l2, decay, sign = hyper[4], hyper[5], hyper[6]
-    lerp, zero = _lerp_form(weight1, sign * sign), sign - sign
+    one, zero = sign * sign, sign - sign
     counts = _counts(probe)
     for c in range(first, last):
         t, start = chunk_tensor[c], chunk_start[c]
@@ -908,7 +898,7 @@ def adam_kernel(
             g = sign * raw
             if l2 != 0:
                 g = g + l2 * th
-            m = _lerp(_load(m_, i, hyper), g, lerp)
+            m = _lerp(_load(m_, i, hyper), g, weight1, one)
             v = _load(v_, i, hyper) * beta2 + weight2 * (g * g)
             _store(m_, i, m)
             _store(v_, i, v)
