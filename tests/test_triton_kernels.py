@@ -361,3 +361,111 @@ def test_philox_rounds_on_high_counter_words() -> None:
         np.testing.assert_array_equal(
             out.cpu().numpy(), philox.philox4x32(counter, key).astype(np.int64)
         )
+
+
+# --- probes, summed by the kernels -------------------------------------------------
+
+
+def _nonfinite_arithmetic():
+    """The interpreter computes with NumPy, which warns on inf - inf and the
+    like; a GPU does not, and the NaN and inf gradients here are on purpose."""
+    return np.errstate(invalid="ignore", over="ignore", divide="ignore")
+
+
+def _probe_grads(params, gen):
+    """Random gradients with zeros (ε-dominated v), a NaN and an inf."""
+    grads = _grads(params, gen)
+    grads[0].view(-1)[:50] = 0.0
+    grads[0].view(-1)[60] = math.nan
+    grads[1].view(-1)[2] = math.inf
+    return grads
+
+
+@pytest.mark.parametrize("config", ADAM_CONFIGS, ids=str)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str
+)
+def test_adam_probe_rows_match_the_snapshot_oracle(config, dtype) -> None:
+    """The kernel's rows against measure.torch_adam_row on before/after copies:
+    float64 sums to their order of addition, counts and histogram exactly."""
+    from optiscope.probes import layout, measure
+
+    options = adam_options(config)
+    state = AdamState(dtype, dtype, options["amsgrad"])
+    gen = torch.Generator().manual_seed(5)
+    for t in (1, 2):
+        grads = _probe_grads(state.params, gen) if t == 1 else _grads(state.params, gen)
+        counts = [t + i for i in range(len(grads))]
+        before = [p.clone() for p in state.params]
+        with _nonfinite_arithmetic():
+            rows = tk.adam_(
+                state.params,
+                grads,
+                state.exp_avgs,
+                state.exp_avg_sqs,
+                state.max_exp_avg_sqs,
+                counts,
+                **options,
+                probe=True,
+            )
+        used = state.max_exp_avg_sqs if options["amsgrad"] else state.exp_avg_sqs
+        for i, row in enumerate(rows):
+            c2 = (
+                1 - options["beta2"] ** counts[i] if options["bias_correction"] else 1.0
+            )
+            want = measure.torch_adam_row(
+                before[i],
+                state.params[i],
+                grads[i],
+                used[i],
+                lr=options["lr"],
+                eps=options["eps"],
+                correction2=c2,
+            )
+            np.testing.assert_allclose(row, want, rtol=1e-12, atol=0, err_msg=str(i))
+            if t == 1 and i == 0:
+                assert row[layout.ADAM.index("nonfinite_grads")] == 1
+                if (
+                    options["weight_decay"] == 0.0 < options["eps"]
+                ):  # else g = λθ, or no ε
+                    assert row[layout.ADAM.index("eps_dominated")] >= 49
+
+
+@pytest.mark.parametrize("config", MOMENTUM_CONFIGS, ids=str)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str
+)
+def test_momentum_probe_rows_match_the_snapshot_oracle(config, dtype) -> None:
+    from optiscope.probes import layout, measure
+
+    options = momentum_options(config)
+    gen = torch.Generator().manual_seed(6)
+    params = [_randn(s, dtype, gen) for s in SHAPES]
+    bufs = [_randn(s, dtype, gen) for s in SHAPES]
+    for t in (1, 2):
+        grads = _probe_grads(params, gen) if t == 1 else _grads(params, gen)
+        before, m_prev = [p.clone() for p in params], [b.clone() for b in bufs]
+        with _nonfinite_arithmetic():
+            rows = tk.momentum_(params, grads, bufs, **options, probe=True)
+        for i, row in enumerate(rows):
+            want = measure.torch_momentum_row(
+                before[i],
+                params[i],
+                grads[i],
+                m_prev[i],
+                bufs[i],
+                maximize=options["maximize"],
+                weight_decay=options["weight_decay"],
+            )
+            # Σg·m_prev: the kernel's g is the compute dtype's (±g + λθ rounded
+            # once), the oracle's float64: within a few roundings of Σ|g·m|.
+            sign = -1.0 if options["maximize"] else 1.0
+            g = sign * grads[i].double() + options["weight_decay"] * before[i].double()
+            scale = float((g * m_prev[i].double()).abs().nansum())
+            column = layout.MOMENTUM.index("sum_grad_dot_prev_m")
+            others = [k for k in range(len(row)) if k != column]
+            np.testing.assert_allclose(row[others], want[others], rtol=1e-12)
+            if np.isfinite(want[column]):
+                assert abs(row[column] - want[column]) <= 1e-6 * scale
+            else:
+                assert np.isnan(row[column]) == np.isnan(want[column])

@@ -316,7 +316,7 @@ def _adam_cpu(
             _fold(stats, rows[idx], probe[0], chunk_tensor)
 
 
-# -- probes on the torch and Triton paths: from snapshots, in separate passes ------------
+# -- probes on the torch fallback: from snapshots, in separate passes --------------------
 def _check_stats(stats: np.ndarray | None, rows: int, layout_: tuple) -> None:
     if stats is None:
         return
@@ -359,8 +359,9 @@ def momentum_(
 
     ``stats``: None, or a float64 array of shape ``(len(params),
     len(probes.layout.MOMENTUM))``, zeros or earlier sums; row ``i`` gets the sums
-    of tensor ``i`` added. CPU kernels sum in the same pass as the update; the
-    torch and CUDA paths compute the rows from before/after copies, in extra passes.
+    of tensor ``i`` added. The CPU and CUDA kernels sum in the same pass as the
+    update; the per-tensor torch fallback computes the rows from before/after
+    copies, in extra passes.
     """
     from ..probes import layout, measure
 
@@ -374,16 +375,18 @@ def momentum_(
         if backend == "cpu":
             _momentum_cpu(*picked, stats, np.array(idx, np.int64), **options)
             continue
+        if backend == "cuda":
+            rows = _triton().momentum_(*picked, **options, probe=stats is not None)
+            for j, i in enumerate(idx if rows is not None else []):
+                _add_row(stats, i, rows[j], layout.MOMENTUM)
+            continue
         if stats is not None:
             before = [p.detach().clone() for p in picked[0]]
             m_prev = [b.clone() for b in picked[2]]
-        if backend == "cuda":
-            _triton().momentum_(*picked, **options)
-        else:
-            from ..momentum import momentum_step
+        from ..momentum import momentum_step
 
-            for p, g, b in zip(*picked, strict=True):
-                momentum_step(p, g, b, **options)
+        for p, g, b in zip(*picked, strict=True):
+            momentum_step(p, g, b, **options)
         if stats is not None:
             for j, i in enumerate(idx):
                 row = measure.torch_momentum_row(
@@ -423,9 +426,9 @@ def adam_(
     ``stats``: None, or a float64 array of shape ``(len(params),
     len(probes.layout.ADAM))``, pre-initialised (zeros, ``step_min = +inf``,
     ``step_max = -inf``) or holding earlier rows; row ``i`` gets tensor ``i``'s
-    sums added and its extrema combined. CPU kernels compute them in the same pass
-    as the update; the torch and CUDA paths from before/after copies, in extra
-    passes.
+    sums added and its extrema combined. The CPU and CUDA kernels compute them in
+    the same pass as the update (the CUDA histogram from its sample, read after);
+    the per-tensor torch fallback from before/after copies, in extra passes.
     """
     from ..probes import layout, measure
 
@@ -449,17 +452,19 @@ def adam_(
         if backend == "cpu":
             _adam_cpu(*picked, stats, np.array(idx, np.int64), **options)
             continue
+        if backend == "cuda":
+            rows = _triton().adam_(*picked, **options, probe=stats is not None)
+            for j, i in enumerate(idx if rows is not None else []):
+                _add_row(stats, i, rows[j], layout.ADAM)
+            continue
         if stats is not None:
             before = [p.detach().clone() for p in picked[0]]
-        if backend == "cuda":
-            _triton().adam_(*picked, **options)
-        else:
-            from ..adam import adam_step
+        from ..adam import adam_step
 
-            p, g, m, v, vmax, t = picked
-            for i in range(len(p)):
-                vmax_i = vmax[i] if amsgrad else None
-                adam_step(p[i], g[i], m[i], v[i], vmax_i, step=t[i], **options)
+        p, g, m, v, vmax, t = picked
+        for k in range(len(p)):
+            vmax_k = vmax[k] if amsgrad else None
+            adam_step(p[k], g[k], m[k], v[k], vmax_k, step=t[k], **options)
         if stats is not None:
             for j, i in enumerate(idx):
                 used = max_exp_avg_sqs[i] if amsgrad else exp_avg_sqs[i]

@@ -20,6 +20,15 @@ Dropout draws its mask from Philox4x32-10 exactly as specified in
 here as the NumPy reference, bit for bit, and backward regenerates the mask
 instead of saving it.
 
+With ``probe=True`` the optimizer kernels also write one float64 row of sums
+per program (Σg², Σ(Δθ)², Σθ², non-finite g; momentum's Σg·m_prev and Σm²;
+Adam's ε-dominated count and v's extrema), computed in float64 from the values
+the step loaded and stored, so no range is lost; the rows are added on the
+device and copied to the host once per list. On GPUs with slow float64 this
+costs more than it would in float32. Adam's histogram bins the fixed sample of
+``probes.layout.hist_stride`` after the step (about 4096 elements of a large
+tensor). Not yet run on a GPU: tested through Triton's interpreter.
+
 Indices are int64 throughout, so tensors of more than :math:`2^{31}` elements
 are addressed correctly. Launches: one per tensor.
 """
@@ -29,6 +38,7 @@ from __future__ import annotations
 import math
 import struct
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -41,6 +51,10 @@ OPTIMIZER_BLOCK = 2048
 OPTIMIZER_WARPS = 8
 DROPOUT_COUNTERS = 512
 DROPOUT_WARPS = 8
+
+# Columns of one program's probe row (see _probe_common and the kernels).
+MOMENTUM_STATS = tl.constexpr(6)
+ADAM_STATS = tl.constexpr(8)
 
 # Launches pass enable_fp_fusion=False: every multiply and add rounds on its own,
 # as in the sequence of torch ops the kernels stand for (and it is memory-bound).
@@ -107,6 +121,23 @@ def _lerp(start, end, weight):
     )
 
 
+@triton.jit
+def _probe_common(stats_ptr, raw, before, after, mask, WIDTH: tl.constexpr):
+    """Columns 0-3 of this program's probe row: Σg², Σ(Δθ)², Σθ² and the count
+    of non-finite g, in float64 (``raw`` the gradient as loaded, ``before`` and
+    ``after`` θ as stored before and after the step)."""
+    row = stats_ptr + tl.program_id(0).to(tl.int64) * WIDTH
+    g = raw.to(tl.float64)
+    theta = after.to(tl.float64)
+    delta = theta - before.to(tl.float64)
+    tl.store(row + 0, tl.sum(g * g, axis=0))
+    tl.store(row + 1, tl.sum(delta * delta, axis=0))
+    tl.store(row + 2, tl.sum(theta * theta, axis=0))
+    finite = tl.abs(g) < float("inf")
+    tl.store(row + 3, tl.sum((mask & ~finite).to(tl.float64), axis=0))
+    return row
+
+
 # --- Momentum ----------------------------------------------------------------
 
 
@@ -115,6 +146,7 @@ def _momentum_kernel(
     param_ptr,
     grad_ptr,
     buf_ptr,
+    stats_ptr,  # PROBE: (programs, MOMENTUM_STATS) float64; else never touched
     numel,
     neg_lr,
     ema_weight,  # 1 - momentum
@@ -122,22 +154,31 @@ def _momentum_kernel(
     HAS_DECAY: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     FP64: tl.constexpr,
+    PROBE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     compute = tl.float64 if FP64 else tl.float32
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    theta = tl.load(param_ptr + offs, mask=mask, other=0.0).to(compute)
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(compute)
-    m = tl.load(buf_ptr + offs, mask=mask, other=0.0).to(compute)
+    theta0 = tl.load(param_ptr + offs, mask=mask, other=0.0).to(compute)
+    raw = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(compute)
+    m_prev = tl.load(buf_ptr + offs, mask=mask, other=0.0).to(compute)
+    g = raw
     if MAXIMIZE:
         g = -g
     if HAS_DECAY:
-        g = g + _f64(weight_decay, compute) * theta
-    m = _lerp(m, g, _f64(ema_weight, compute))
-    theta = theta + _f64(neg_lr, compute) * m
-    tl.store(buf_ptr + offs, _round_to(m, buf_ptr.dtype.element_ty), mask=mask)
-    tl.store(param_ptr + offs, _round_to(theta, param_ptr.dtype.element_ty), mask=mask)
+        g = g + _f64(weight_decay, compute) * theta0
+    m = _lerp(m_prev, g, _f64(ema_weight, compute))
+    theta = theta0 + _f64(neg_lr, compute) * m
+    m_stored = _round_to(m, buf_ptr.dtype.element_ty)
+    theta_stored = _round_to(theta, param_ptr.dtype.element_ty)
+    tl.store(buf_ptr + offs, m_stored, mask=mask)
+    tl.store(param_ptr + offs, theta_stored, mask=mask)
+    if PROBE:
+        row = _probe_common(stats_ptr, raw, theta0, theta_stored, mask, MOMENTUM_STATS)
+        kept = m_stored.to(tl.float64)
+        tl.store(row + 4, tl.sum(g.to(tl.float64) * m_prev.to(tl.float64), axis=0))
+        tl.store(row + 5, tl.sum(kept * kept, axis=0))
 
 
 def momentum_(
@@ -149,17 +190,25 @@ def momentum_(
     momentum: float,
     weight_decay: float,
     maximize: bool,
-) -> None:
+    probe: bool = False,
+) -> list[np.ndarray] | None:
     r""":func:`optiscope.momentum_step` on every tensor of the lists, in place.
 
     .. math::
         g \leftarrow \pm g + \lambda\theta, \quad
         m \leftarrow \beta m + (1-\beta) g, \quad
         \theta \leftarrow \theta - \alpha m
+
+    With ``probe``, returns each tensor's row of ``probes.layout.MOMENTUM``,
+    summed by the same kernel (one float64 row per program, added on the
+    device, one copy to the host for the whole list).
     """
     _check_lists(params, grads, momentum_buffers)
+    partials: list[torch.Tensor | None] = []
     for param, grad, buf in zip(params, grads, momentum_buffers, strict=True):
         numel = param.numel()
+        stats = _probe_buffer(param, MOMENTUM_STATS.value) if probe else None
+        partials.append(stats)
         if numel == 0:
             continue
         grid = (triton.cdiv(numel, OPTIMIZER_BLOCK),)
@@ -167,6 +216,7 @@ def momentum_(
             param,
             grad,
             buf,
+            param if stats is None else stats,
             numel,
             _bits(-lr),
             _bits(1.0 - momentum),
@@ -174,10 +224,27 @@ def momentum_(
             HAS_DECAY=weight_decay != 0.0,
             MAXIMIZE=maximize,
             FP64=_computes_in_fp64(param, buf),
+            PROBE=probe,
             BLOCK=OPTIMIZER_BLOCK,
             num_warps=OPTIMIZER_WARPS,
             enable_fp_fusion=False,
         )
+    if not probe:
+        return None
+    # Per tensor: numel, then the kernel's six columns summed over programs.
+    sums = [
+        torch.cat(
+            [torch.tensor([float(p.numel())], device=b.device, dtype=b.dtype), b.sum(0)]
+        )
+        for p, b in zip(params, partials, strict=True)
+    ]
+    return list(torch.stack(sums).cpu().numpy()) if sums else []
+
+
+def _probe_buffer(param: torch.Tensor, width: int) -> torch.Tensor:
+    """One zeroed float64 row per program of ``param``'s launch."""
+    programs = triton.cdiv(param.numel(), OPTIMIZER_BLOCK)
+    return torch.zeros((programs, width), device=param.device, dtype=torch.float64)
 
 
 # --- Adam --------------------------------------------------------------------
@@ -200,6 +267,7 @@ def _adam_kernel(
     exp_avg_ptr,
     exp_avg_sq_ptr,
     max_exp_avg_sq_ptr,  # any tensor when not AMSGRAD; never touched then
+    stats_ptr,  # PROBE: (programs, ADAM_STATS) float64; else never touched
     numel,
     neg_step_size,  # -lr / c1
     sqrt_c2,
@@ -208,17 +276,21 @@ def _adam_kernel(
     beta2,
     one_minus_beta2,
     decay,  # lambda for L2, 1 - lr * lambda when decoupled
+    eps_below,  # PROBE: the least float64 v with sqrt(v / c2) >= eps
     DECAY: tl.constexpr,  # _NO_DECAY, _L2_DECAY or _DECOUPLED_DECAY
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     FP64: tl.constexpr,
+    PROBE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     compute = tl.float64 if FP64 else tl.float32
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     theta = tl.load(param_ptr + offs, mask=mask, other=0.0).to(compute)
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(compute)
+    theta0 = theta
+    raw = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(compute)
+    g = raw
     m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0).to(compute)
     v = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0).to(compute)
     if MAXIMIZE:
@@ -230,17 +302,13 @@ def _adam_kernel(
     m = _lerp(m, g, _f64(ema_weight1, compute))
     v = v * _f64(beta2, compute) + _f64(one_minus_beta2, compute) * g * g
     tl.store(exp_avg_ptr + offs, _round_to(m, exp_avg_ptr.dtype.element_ty), mask=mask)
-    tl.store(
-        exp_avg_sq_ptr + offs, _round_to(v, exp_avg_sq_ptr.dtype.element_ty), mask=mask
-    )
+    v_stored = _round_to(v, exp_avg_sq_ptr.dtype.element_ty)
+    tl.store(exp_avg_sq_ptr + offs, v_stored, mask=mask)
     if AMSGRAD:
         v_max = tl.load(max_exp_avg_sq_ptr + offs, mask=mask, other=0.0).to(compute)
         v = tl.maximum(v_max, v, propagate_nan=tl.PropagateNan.ALL)
-        tl.store(
-            max_exp_avg_sq_ptr + offs,
-            _round_to(v, max_exp_avg_sq_ptr.dtype.element_ty),
-            mask=mask,
-        )
+        v_stored = _round_to(v, max_exp_avg_sq_ptr.dtype.element_ty)
+        tl.store(max_exp_avg_sq_ptr + offs, v_stored, mask=mask)
     denom = _div(_sqrt(v, FP64), _f64(sqrt_c2, compute), FP64) + _f64(eps, compute)
     # A zero denominator (eps = 0, a coordinate that only saw zero gradients)
     # takes no step; the division is made safe first so 0/0 is never evaluated.
@@ -248,7 +316,19 @@ def _adam_kernel(
     update = _div(m, tl.where(no_signal, 1.0, denom), FP64)
     update = tl.where(no_signal, 0.0, update)
     theta = theta + _f64(neg_step_size, compute) * update
-    tl.store(param_ptr + offs, _round_to(theta, param_ptr.dtype.element_ty), mask=mask)
+    theta_stored = _round_to(theta, param_ptr.dtype.element_ty)
+    tl.store(param_ptr + offs, theta_stored, mask=mask)
+    if PROBE:
+        # v as stored: the step of a coordinate is lr/(sqrt(v/c2)+eps) of it,
+        # falling as v grows, so v's extrema give the step's (on the host).
+        row = _probe_common(stats_ptr, raw, theta0, theta_stored, mask, ADAM_STATS)
+        kept = v_stored.to(tl.float64)
+        below = tl.cast(eps_below, tl.int64).to(tl.float64, bitcast=True)
+        dominated = mask & (kept < below)
+        tl.store(row + 4, tl.sum(dominated.to(tl.float64), axis=0))
+        tl.store(row + 5, tl.min(tl.where(mask, kept, float("inf")), axis=0))
+        tl.store(row + 6, tl.max(tl.where(mask, kept, -float("inf")), axis=0))
+        tl.store(row + 7, tl.sum((mask & (kept != kept)).to(tl.float64), axis=0))
 
 
 def adam_(
@@ -268,7 +348,8 @@ def adam_(
     amsgrad: bool,
     maximize: bool,
     bias_correction: bool,
-) -> None:
+    probe: bool = False,
+) -> list[np.ndarray] | None:
     r""":func:`optiscope.adam_step` on every tensor of the lists, in place.
 
     ``steps[i]`` is :math:`t` for tensor ``i``, already incremented (1 on the
@@ -279,6 +360,14 @@ def adam_(
             \frac{m}{\sqrt{v}/\sqrt{c_2} + \epsilon}
 
     and a zero denominator gives a zero step.
+
+    With ``probe``, returns each tensor's row of ``probes.layout.ADAM``. The
+    kernel sums Σg², Σ(Δθ)², Σθ², the non-finite g and the ε-dominated v
+    (below the exact threshold of ``kernels.cpu.step_thresholds``), and takes
+    v's extrema, one float64 row per program; the step's extrema follow from
+    v's on the host, and the histogram bins the same fixed sample as on the
+    CPU (``probes.layout.hist_stride``), read after the step: about 4096
+    elements of a large tensor, not a pass over it.
     """
     _check_lists(params, grads, exp_avgs, exp_avg_sqs)
     if amsgrad:
@@ -293,36 +382,83 @@ def adam_(
         decay_mode, decay = _DECOUPLED_DECAY, 1.0 - lr * weight_decay
     else:
         decay_mode, decay = _L2_DECAY, weight_decay
+    results: list[torch.Tensor] = []
     for i, (param, step) in enumerate(zip(params, steps, strict=True)):
         numel = param.numel()
-        if numel == 0:
-            continue
         c1 = 1.0 - beta1**step if bias_correction else 1.0
         c2 = 1.0 - beta2**step if bias_correction else 1.0
         v_max = max_exp_avg_sqs[i] if amsgrad else exp_avg_sqs[i]
-        grid = (triton.cdiv(numel, OPTIMIZER_BLOCK),)
-        _adam_kernel[grid](
-            param,
-            grads[i],
-            exp_avgs[i],
-            exp_avg_sqs[i],
-            v_max,
-            numel,
-            _bits(-lr / c1),
-            _bits(math.sqrt(c2)),
-            _bits(eps),
-            _bits(1.0 - beta1),
-            _bits(beta2),
-            _bits(1.0 - beta2),
-            _bits(decay),
-            DECAY=decay_mode,
-            AMSGRAD=amsgrad,
-            MAXIMIZE=maximize,
-            FP64=_computes_in_fp64(param, exp_avgs[i], exp_avg_sqs[i], v_max),
-            BLOCK=OPTIMIZER_BLOCK,
-            num_warps=OPTIMIZER_WARPS,
-            enable_fp_fusion=False,
-        )
+        stats = _probe_buffer(param, ADAM_STATS.value) if probe else None
+        below = _eps_threshold(lr, eps, c2) if probe else 0.0
+        if numel > 0:
+            grid = (triton.cdiv(numel, OPTIMIZER_BLOCK),)
+            _adam_kernel[grid](
+                param,
+                grads[i],
+                exp_avgs[i],
+                exp_avg_sqs[i],
+                v_max,
+                param if stats is None else stats,
+                numel,
+                _bits(-lr / c1),
+                _bits(math.sqrt(c2)),
+                _bits(eps),
+                _bits(1.0 - beta1),
+                _bits(beta2),
+                _bits(1.0 - beta2),
+                _bits(decay),
+                _bits(below),
+                DECAY=decay_mode,
+                AMSGRAD=amsgrad,
+                MAXIMIZE=maximize,
+                FP64=_computes_in_fp64(param, exp_avgs[i], exp_avg_sqs[i], v_max),
+                PROBE=probe,
+                BLOCK=OPTIMIZER_BLOCK,
+                num_warps=OPTIMIZER_WARPS,
+                enable_fp_fusion=False,
+            )
+        if stats is not None:
+            results.append(_adam_row(stats, v_max, lr=lr, eps=eps, correction2=c2))
+    if not probe:
+        return None
+    return list(torch.stack(results).cpu().numpy()) if results else []
+
+
+def _eps_threshold(lr: float, eps: float, correction2: float) -> float:
+    from .cpu import step_thresholds
+
+    return float(step_thresholds(lr, eps, np.array([correction2]))[0, 0])
+
+
+def _adam_row(
+    stats: torch.Tensor,
+    v_used: torch.Tensor,
+    *,
+    lr: float,
+    eps: float,
+    correction2: float,
+) -> torch.Tensor:
+    """One tensor's ``probes.layout.ADAM`` row, on the device, from its programs'
+    rows and the histogram's sample of ``v_used``."""
+    from ..probes import layout, measure
+
+    numel = v_used.numel()
+    sums = stats[:, :5].sum(0)  # Σg², Σ(Δθ)², Σθ², non-finite, ε-dominated
+    nan = stats[:, 7].sum() > 0
+
+    def step(v: torch.Tensor) -> torch.Tensor:  # the oracle's float64 operations
+        return lr / (torch.sqrt(v.double() / correction2) + eps)
+
+    if numel == 0:  # as an empty tensor's row starts: nothing to combine
+        extrema = stats.new_tensor([math.inf, -math.inf])
+    else:
+        least, greatest = stats[:, 5].min(), stats[:, 6].max()
+        extrema = torch.stack([step(greatest), step(least)])
+        extrema = torch.where(nan, torch.nan, extrema)
+    sample = step(v_used.reshape(-1)[:: layout.hist_stride(numel)])
+    hist = torch.bincount(measure.octave_bins(sample), minlength=layout.HIST_BINS)
+    head = stats.new_tensor([float(numel)])
+    return torch.cat([head, sums, extrema, hist.double()])
 
 
 # --- dropout -----------------------------------------------------------------

@@ -153,8 +153,12 @@ def torch_momentum_row(
     maximize: bool,
     weight_decay: float,
 ) -> np.ndarray:
-    """The momentum row from snapshots; ``g`` is the gradient the EMA averaged."""
-    g = _f64(grad) * (-1.0 if maximize else 1.0) + weight_decay * _f64(before)
+    """The momentum row from snapshots; ``g`` is the gradient the EMA averaged
+    (with no decay term at all when ``weight_decay`` is 0, as in the step: an
+    infinite θ must not make it 0·inf = NaN)."""
+    g = _f64(grad) * (-1.0 if maximize else 1.0)
+    if weight_decay != 0.0:
+        g = g + weight_decay * _f64(before)
     return np.array(
         [
             *torch_common(before, after, grad),
