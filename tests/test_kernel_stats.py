@@ -400,10 +400,10 @@ def test_float32_update_sum_keeps_its_documented_range() -> None:
         assert rows[0, 3] == pytest.approx(param_sq, rel=1e-12)
 
 
-def test_negative_zero_v_takes_the_second_pass_and_matches_the_oracle() -> None:
+def test_negative_zero_v_is_ordered_as_zero_and_matches_the_oracle() -> None:
     """A stored -0.0 in amsgrad's running max (the update keeps it: 0 > -0.0 is
-    false) has bits above +inf's in the loop's extrema; the chunk is read again,
-    and its largest step is lr/eps, as the oracle's."""
+    false) is ordered by the bits of |v|, as +0.0: its step, lr/eps, is the
+    largest, as the oracle's."""
     config = CONFIGS[4]
     params, grads, m, v, vmax = make(torch.float32)
     # Three of seven coordinates: the others keep positive v, so the loop's
