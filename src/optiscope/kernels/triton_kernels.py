@@ -383,13 +383,16 @@ def adam_(
     else:
         decay_mode, decay = _L2_DECAY, weight_decay
     results: list[torch.Tensor] = []
+    thresholds: dict[float, float] = {}
     for i, (param, step) in enumerate(zip(params, steps, strict=True)):
         numel = param.numel()
         c1 = 1.0 - beta1**step if bias_correction else 1.0
         c2 = 1.0 - beta2**step if bias_correction else 1.0
         v_max = max_exp_avg_sqs[i] if amsgrad else exp_avg_sqs[i]
         stats = _probe_buffer(param, ADAM_STATS.value) if probe else None
-        below = _eps_threshold(lr, eps, c2) if probe else 0.0
+        if probe and c2 not in thresholds:  # tensors mostly share a step count
+            thresholds[c2] = _eps_threshold(lr, eps, c2)
+        below = thresholds[c2] if probe else 0.0
         if numel > 0:
             grid = (triton.cdiv(numel, OPTIMIZER_BLOCK),)
             _adam_kernel[grid](
