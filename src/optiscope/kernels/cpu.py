@@ -658,13 +658,14 @@ def step_thresholds(lr: float, eps: float, correction2: np.ndarray) -> np.ndarra
     non-negative doubles (which order like the doubles) that starts a few ulp
     wide and doubles until it brackets the answer."""
     c2 = np.ascontiguousarray(correction2, np.float64)
-    edges = 2.0 ** (np.arange(HIST_BINS) - 1 + HIST_MIN_EXP)
     out = np.empty((c2.size, HIST_BINS))
-    _thresholds(float(lr), float(eps), c2, edges, out)
+    _thresholds(float(lr), float(eps), c2, _BIN_EDGES, out)
     return out
 
 
 _HOST_JIT = dict(cache=True, error_model="numpy")  # x/0 is inf, as in numpy
+#: The lower edge of each histogram bin, ``2^(k-1+HIST_MIN_EXP)``.
+_BIN_EDGES = 2.0 ** (np.arange(HIST_BINS) - 1 + HIST_MIN_EXP)
 
 
 @numba.njit(**_HOST_JIT)
@@ -738,22 +739,22 @@ def fold_partials(stats, rows, partials, chunk_tensor, extrema):
         total[:] = partials[c]
         c += 1
         while c < chunk_tensor.size and chunk_tensor[c] == tensor:
-            for k in range(total.size):
-                if extrema and k == _STEP_MIN:
-                    total[k] = _nan_min(total[k], partials[c, k])
-                elif extrema and k == _STEP_MAX:
-                    total[k] = -_nan_min(-total[k], -partials[c, k])
-                else:
-                    total[k] += partials[c, k]
+            _combine_into(total, partials[c], extrema)
             c += 1
-        row = stats[rows[tensor]]
-        for k in range(total.size):
-            if extrema and k == _STEP_MIN:
-                row[k] = _nan_min(row[k], total[k])
-            elif extrema and k == _STEP_MAX:
-                row[k] = -_nan_min(-row[k], -total[k])
-            else:
-                row[k] += total[k]
+        _combine_into(stats[rows[tensor]], total, extrema)
+
+
+@numba.njit(**_HOST_JIT)
+def _combine_into(target, values, extrema):
+    """``target += values``, but with ``extrema`` Adam's ``step_min`` and
+    ``step_max`` take the minimum and maximum, NaN winning."""
+    for k in range(target.size):
+        if extrema and k == _STEP_MIN:
+            target[k] = _nan_min(target[k], values[k])
+        elif extrema and k == _STEP_MAX:
+            target[k] = -_nan_min(-target[k], -values[k])
+        else:
+            target[k] += values[k]
 
 
 @numba.njit(**_HOST_JIT)
