@@ -133,16 +133,19 @@ SUMS = {
 
 def sum_tolerance(dtype: torch.dtype) -> float:
     """The worst relative error, against the sum of its terms' magnitudes, of a
-    kernel's float32 chunk sum: each of at least 8 vector lanes adds at most
-    CHUNK/8 terms one by one (recursive summation: ``(n-1)·u``), the lanes
-    then combine in 3 more roundings, and a term itself may carry 2 roundings
-    (momentum's ``g``). float64 kernels differ from torch's float64 sum only by
-    the order of additions, at ``n·2**-53``."""
+    kernel's float32 chunk sum. The probed loop adds one term per pair of
+    elements, so each of at least 8 vector lanes adds at most CHUNK/16 terms
+    one by one (recursive summation: ``(n-1)·u``), plus the odd last element;
+    the lanes then combine in at most 4 more roundings (16 lanes); a pair term
+    carries 2 roundings (a product and the pair's addition) on top of its
+    factors' own, which are at most 2 (momentum's ``g``). float64 kernels
+    differ from torch's float64 sum only by the order of additions, at
+    ``n·2**-53``."""
     from optiscope.kernels.cpu import CHUNK
 
     if dtype == torch.float64:
         return 2 * CHUNK * 2.0**-53
-    return (CHUNK // 8 + 5) * 2.0**-24
+    return (CHUNK // 16 + 1 + 4 + 2 + 2) * 2.0**-24
 
 
 def assert_rows_match(config: Config, rows, expected, used, dtype) -> None:
@@ -364,6 +367,39 @@ def test_float32_sums_count_every_element_once() -> None:
             0,
             grad_sq / 4,
         ]
+
+
+def test_float32_adam_sums_count_every_element_once() -> None:
+    """Adam's paired loop, as the momentum test above: on values whose float32
+    sums are exact, the sums and extrema equal the hand-computed ones exactly.
+    With β1 = 1/2, β2 = 1 - 2**-4, ε = 0 at step 1, every update is exactly
+    ``-lr·sign(g)`` and the effective step of a coordinate is ``lr/|g|``."""
+    gen = torch.Generator().manual_seed(1)
+    sizes = [150_001, 1, 65_536, 65_537, 7]
+    grads = [
+        (torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1)
+        * torch.randint(1, 3, (n,), generator=gen).float()
+        for n in sizes
+    ]
+    params = [torch.zeros(n) for n in sizes]
+    m = [torch.zeros(n) for n in sizes]
+    v = [torch.zeros(n) for n in sizes]
+    rows = np.zeros((len(sizes), len(layout.ADAM)))
+    rows[:, EXTREMA] = [np.inf, -np.inf]
+    lr = 2.0**-4
+    kernels.adam_(
+        params, grads, m, v, None, [1] * len(sizes), lr=lr, beta1=0.5,
+        beta2=1 - 2.0**-4, eps=0.0, weight_decay=0.0,
+        decoupled_weight_decay=False, amsgrad=False, maximize=False,
+        bias_correction=True, stats=rows,
+    )  # fmt: skip
+    for row, g, p in zip(rows, grads, params, strict=True):
+        np.testing.assert_array_equal(p, -lr * g.sign())
+        n = g.numel()
+        got = row[: len(layout.COMMON)].tolist()
+        assert got == [n, float(g.double().pow(2).sum()), n * lr**2, n * lr**2, 0]
+        assert row[EXTREMA].tolist() == [lr / g.abs().max(), lr / g.abs().min()]
+        assert row[layout.ADAM.index("eps_dominated")] == 0
 
 
 def test_float32_update_sum_keeps_its_documented_range() -> None:

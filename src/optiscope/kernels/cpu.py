@@ -220,12 +220,26 @@ def _lerp(a, b, weight, one):
 # layout in :mod:`optiscope.probes.layout`, overwritten by the kernel.
 #
 # The update loop keeps the chunk's running sums (and Adam's least and greatest
-# ``v``) in the compute dtype, so the loop keeps its vector width. Two earlier
-# designs measured worse on a 10M-element Adam step: a float64 read-back of each
-# L1-sized block (+45%: the read-back is compute the memory traffic no longer
-# hides), and L1-sized blocks at all (+6% on their own, for the loop entries and
-# exits). The whole chunk is one loop; what costs more than the loop can hide
-# is done afterwards, on the chunk while it is in L2, and only where needed:
+# ``v``) in the compute dtype, so the loop keeps its vector width.
+#
+# **Pairs.** The probed loop walks the chunk's two halves in step: iteration
+# ``i`` updates elements ``i`` and ``i + n/2`` and adds one term per sum, the
+# two elements' products added first (:func:`_dot2`); an odd last element is
+# added after the loop. Why: once the step runs from memory, every running sum
+# is a dependency chain whose next link waits for the slowest load, and those
+# waiting links fill the scheduler that would otherwise run ahead and issue
+# later loads. On a 10M-element float32 Adam step (4 KiB pages) the one-stream
+# loop cost +11-16% against the unprobed step; two streams and half the
+# links cost +3-5% (1 and 2 threads). Four streams were slower (+34%), and so
+# were software prefetches (+11-35%, the hardware prefetcher already saturates
+# the memory system). The unprobed loop stays one stream, which is fastest
+# unprobed. Both loops call the one per-element update (:func:`_adam_element`,
+# :func:`_momentum_element`), so a probe never changes a value the step writes.
+#
+# Earlier designs measured worse: a float64 read-back of each L1-sized block
+# (+45%), L1-sized blocks at all (+6% on their own, for the loop entries and
+# exits). What costs more than the loop can hide is done afterwards, on the
+# chunk while it is in L2, and only where needed:
 #
 # * a float32 sum loses range, not precision: a chunk whose Σg² or Σθ² (or
 #   momentum's Σm²) leaves ``[2**-80, inf)`` (underflowed terms, an overflow of
@@ -245,10 +259,11 @@ def _lerp(a, b, weight, one):
 #
 # Reassociation is allowed on the sums' additions only (:func:`_tally`, a flag
 # on the instruction), so they split across vector lanes while the update keeps
-# its IEEE order. A float32 chunk sum thus adds at most ``CHUNK / lanes`` terms
-# per lane (8192 with the 8 float32 lanes of AVX2; LLVM picks 16 here), a
-# relative error below ``8192 · 2**-24 ≈ 4.9e-4`` of the sum of the terms'
-# magnitudes, and near ``2**-24 · sqrt(8192)`` for typical data; chunks add in
+# its IEEE order. A float32 chunk sum thus adds at most ``CHUNK / (2 lanes)``
+# pair terms per lane (4096 with the 8 float32 lanes of AVX2; LLVM picks 16
+# here), each carrying one rounding more than a single product: a relative
+# error below ``(4096 + 9) · 2**-24 ≈ 2.4e-4`` of the sum of the terms'
+# magnitudes, and near ``2**-24 · sqrt(4096)`` for typical data; chunks add in
 # float64. ``v``'s extrema are taken on the float's bits (a non-negative float
 # orders like its bits; a NaN's lie above +inf's), which needs no flag.
 
@@ -358,61 +373,65 @@ _umin = intrinsic(_unsigned_extremum(False))
 _umax = intrinsic(_unsigned_extremum(True))
 
 
-def _add(probe, total, a, b):
-    """``total + a*b`` (:func:`_tally_product`) where probed; else ``total``, the
-    0 of :func:`_zero`, so the sum compiles out."""
+@intrinsic
+def _dot2(typingctx, a1, b1, a2, b2):
+    """``a1*b1 + a2*b2`` (one float type), the first product allowed to fuse
+    into the addition: the term a pair of elements adds to a running sum."""
+    if not isinstance(a1, types.Float) or not a1 == b1 == a2 == b2:
+        raise TypingError("a1, b1, a2 and b2 must be floats of one type")
+    sig = a1(a1, b1, a2, b2)
+
+    def codegen(context, builder, signature, args):
+        first = builder.fmul(args[0], args[1], flags=("contract",))
+        second = builder.fmul(args[2], args[3])
+        return builder.fadd(first, second, flags=("contract",))
+
+    return sig, codegen
 
 
-@overload(_add)
-def _add_overload(probe, total, a, b):
-    if isinstance(probe, types.NoneType):
-        return lambda probe, total, a, b: total
-    return lambda probe, total, a, b: _tally_product(total, a, b)
+def _head(array, n):
+    """``array[:n]``, or None for None (a state the rule doesn't use)."""
 
 
-def _zero(probe, like):
-    """A running sum's start: 0 in ``like``'s dtype where probed. Unprobed, the
-    integer 0: a loop variable of type None would keep LLVM from vectorizing."""
+@overload(_head)
+def _head_overload(array, n):
+    if isinstance(array, types.NoneType):
+        return lambda array, n: None
+    return lambda array, n: array[:n]
+
+
+def _middle(array, n):
+    """``array[n:2n]``, or None for None."""
+
+
+@overload(_middle)
+def _middle_overload(array, n):
+    if isinstance(array, types.NoneType):
+        return lambda array, n: None
+    return lambda array, n: array[n : 2 * n]
+
+
+def _zero(like):
+    """A running sum's start: 0 in ``like``'s dtype."""
 
 
 @overload(_zero)
-def _zero_overload(probe, like):
-    if isinstance(probe, types.NoneType):
-        return lambda probe, like: 0
+def _zero_overload(like):
     if like.dtype == types.float64:
-        return lambda probe, like: 0.0
-    return lambda probe, like: np.float32(0.0)
+        return lambda like: 0.0
+    return lambda like: np.float32(0.0)
 
 
-def _empty_range(probe, like):
+def _empty_range(like):
     """``(least, greatest)`` bits before any value: (all ones, 0) at the width
-    of ``like``'s dtype; unprobed (0, 0)."""
+    of ``like``'s dtype."""
 
 
 @overload(_empty_range)
-def _empty_range_overload(probe, like):
-    if isinstance(probe, types.NoneType):
-        return lambda probe, like: (0, 0)
+def _empty_range_overload(like):
     if like.dtype == types.float64:
-        return lambda probe, like: (_ALL_BITS, _NO_BITS)
-    return lambda probe, like: (np.uint32(0xFFFFFFFF), np.uint32(0))
-
-
-def _widen(probe, low, high, value):
-    """``(min(low, bits), max(high, bits))`` of ``value``'s :func:`_order_bits`
-    where probed; else ``(low, high)`` unchanged."""
-
-
-@overload(_widen)
-def _widen_overload(probe, low, high, value):
-    if isinstance(probe, types.NoneType):
-        return lambda probe, low, high, value: (low, high)
-
-    def widen(probe, low, high, value):
-        bits = _order_bits(value)
-        return _umin(low, bits), _umax(high, bits)
-
-    return widen
+        return lambda like: (_ALL_BITS, _NO_BITS)
+    return lambda like: (np.uint32(0xFFFFFFFF), np.uint32(0))
 
 
 def _bits_value(bits):
@@ -464,21 +483,12 @@ def _trusted_overload(total):
     return lambda total: _TRUSTED_LEAST <= abs(total) < np.inf
 
 
+@numba.njit(**_JIT)
 def _open(probe, c, n):
     """Start chunk ``c`` (``n`` elements): zero its row."""
-
-
-@overload(_open)
-def _open_overload(probe, c, n):
-    if isinstance(probe, types.NoneType):
-        return lambda probe, c, n: None
-
-    def open_chunk(probe, c, n):
-        row = probe[0][c]
-        row[:] = 0.0
-        row[0] = n
-
-    return open_chunk
+    row = probe[0][c]
+    row[:] = 0.0
+    row[0] = n
 
 
 def _counts(probe):
@@ -536,33 +546,25 @@ def _sums64_momentum(theta, grad, buffer, hyper):
     return grad_sq, param_sq, m_sq
 
 
+@numba.njit(**_JIT)
 def _momentum_chunk(probe, c, theta, grad, buffer, hyper, sums):
     """Fill chunk ``c``'s row from the loop's ``sums`` (Σg², Σ(Δθ)², Σθ²,
     Σg·m_prev, Σm²), taking Σg², Σθ² and Σm² again in float64 from the chunk
     where one is not trusted. Σ(Δθ)² and Σg·m_prev have no second pass: what
     they need (θ and m before the step) is gone."""
+    grad_sq, update_sq, param_sq, grad_m, m_sq = sums
+    row = probe[0][c]
+    row[1] = grad_sq
+    row[2] = update_sq
+    row[3] = param_sq
+    row[5] = grad_m
+    row[6] = m_sq
+    if not (_trusted(grad_sq) and _trusted(param_sq) and _trusted(m_sq)):
+        row[1], row[3], row[6] = _sums64_momentum(theta, grad, buffer, hyper)
+    _count_nonfinite(row, row[1], grad, hyper)
 
 
-@overload(_momentum_chunk)
-def _momentum_chunk_overload(probe, c, theta, grad, buffer, hyper, sums):
-    if isinstance(probe, types.NoneType):
-        return lambda probe, c, theta, grad, buffer, hyper, sums: None
-
-    def chunk_end(probe, c, theta, grad, buffer, hyper, sums):
-        grad_sq, update_sq, param_sq, grad_m, m_sq = sums
-        row = probe[0][c]
-        row[1] = grad_sq
-        row[2] = update_sq
-        row[3] = param_sq
-        row[5] = grad_m
-        row[6] = m_sq
-        if not (_trusted(grad_sq) and _trusted(param_sq) and _trusted(m_sq)):
-            row[1], row[3], row[6] = _sums64_momentum(theta, grad, buffer, hyper)
-        _count_nonfinite(row, row[1], grad, hyper)
-
-    return chunk_end
-
-
+@numba.njit(**_JIT)
 def _adam_chunk(probe, c, tensor, theta, grad, v_used, start, hyper, sums, counts):
     """Fill chunk ``c``'s row (tensor index ``start`` on). ``sums`` is the
     loop's Σg², Σ(Δθ)², Σθ² and the bits of the least and greatest ``|v|``;
@@ -577,64 +579,48 @@ def _adam_chunk(probe, c, tensor, theta, grad, v_used, start, hyper, sums, count
     tensor's stride) by table, into the four rows of ``counts`` (the
     calling thread's) in turn, so that consecutive samples in one bin don't
     wait on each other's increment."""
-
-
-@overload(_adam_chunk)
-def _adam_chunk_overload(
-    probe, c, tensor, theta, grad, v_used, start, hyper, sums, counts
-):
-    if isinstance(probe, types.NoneType):
-        return (
-            lambda probe, c, tensor, theta, grad, v_used, start, hyper, sums, counts: (
-                None
-            )
+    grad_sq, update_sq, param_sq, low_bits, high_bits = sums
+    row = probe[0][c]
+    row[1] = grad_sq
+    row[2] = update_sq
+    row[3] = param_sq
+    low, high = _bits_value(low_bits), _bits_value(high_bits)
+    if not (_trusted(grad_sq) and _trusted(param_sq) and high <= np.inf):
+        row[1], row[3], low_bits64, high_bits64 = _sums64_adam(
+            theta, grad, v_used, hyper
         )
-
-    def chunk_end(probe, c, tensor, theta, grad, v_used, start, hyper, sums, counts):
-        grad_sq, update_sq, param_sq, low_bits, high_bits = sums
-        row = probe[0][c]
-        row[1] = grad_sq
-        row[2] = update_sq
-        row[3] = param_sq
-        low, high = _bits_value(low_bits), _bits_value(high_bits)
-        if not (_trusted(grad_sq) and _trusted(param_sq) and high <= np.inf):
-            row[1], row[3], low_bits64, high_bits64 = _sums64_adam(
-                theta, grad, v_used, hyper
-            )
-            low, high = _bits_value(low_bits64), _bits_value(high_bits64)
-        _count_nonfinite(row, row[1], grad, hyper)
-        lr, eps, correction2 = probe[1][0], probe[1][1], probe[2][tensor]
-        if high != high:  # a NaN step: torch's min and max are NaN too
-            row[_STEP_MIN] = row[_STEP_MAX] = np.nan
-        else:
-            row[_STEP_MIN] = lr / (np.sqrt(high / correction2) + eps)
-            row[_STEP_MAX] = lr / (np.sqrt(low / correction2) + eps)
-        below = probe[3][tensor][0]
-        if low < below:
-            dominated = 0
-            for i in range(v_used.size):
-                dominated += 1 if _load(v_used, i, hyper) < below else 0
-            row[5] = dominated
-        table, stride = probe[6][tensor], probe[7][tensor]
-        bins, cuts = probe[4][table], probe[5][table]
-        turn = 0
-        for i in range((stride - start % stride) % stride, v_used.size, stride):
-            v = np.float64(_load(v_used, i, hyper))
-            bits = _double_bits(v)
-            top = bits >> _EXPONENT
-            k = bins[top]
-            if k < 0:  # a range :func:`step_bins` leaves to the exact formula
-                k = _octave(lr / (np.sqrt(v / correction2) + eps))
-            elif bits >= cuts[top]:
-                k -= 1
-            counts[turn, k] += 1.0
-            turn = (turn + 1) & 3
-        for k in range(HIST_BINS):
-            total = counts[0, k] + counts[1, k] + counts[2, k] + counts[3, k]
-            row[HIST_START + k] = total
-            counts[0, k] = counts[1, k] = counts[2, k] = counts[3, k] = 0.0
-
-    return chunk_end
+        low, high = _bits_value(low_bits64), _bits_value(high_bits64)
+    _count_nonfinite(row, row[1], grad, hyper)
+    lr, eps, correction2 = probe[1][0], probe[1][1], probe[2][tensor]
+    if high != high:  # a NaN step: torch's min and max are NaN too
+        row[_STEP_MIN] = row[_STEP_MAX] = np.nan
+    else:
+        row[_STEP_MIN] = lr / (np.sqrt(high / correction2) + eps)
+        row[_STEP_MAX] = lr / (np.sqrt(low / correction2) + eps)
+    below = probe[3][tensor][0]
+    if low < below:
+        dominated = 0
+        for i in range(v_used.size):
+            dominated += 1 if _load(v_used, i, hyper) < below else 0
+        row[5] = dominated
+    table, stride = probe[6][tensor], probe[7][tensor]
+    bins, cuts = probe[4][table], probe[5][table]
+    turn = 0
+    for i in range((stride - start % stride) % stride, v_used.size, stride):
+        v = np.float64(_load(v_used, i, hyper))
+        bits = _double_bits(v)
+        top = bits >> _EXPONENT
+        k = bins[top]
+        if k < 0:  # a range :func:`step_bins` leaves to the exact formula
+            k = _octave(lr / (np.sqrt(v / correction2) + eps))
+        elif bits >= cuts[top]:
+            k -= 1
+        counts[turn, k] += 1.0
+        turn = (turn + 1) & 3
+    for k in range(HIST_BINS):
+        total = counts[0, k] + counts[1, k] + counts[2, k] + counts[3, k]
+        row[HIST_START + k] = total
+        counts[0, k] = counts[1, k] = counts[2, k] = counts[3, k] = 0.0
 
 
 @numba.njit(**_JIT)
@@ -804,6 +790,26 @@ def _either_overload(first, second):
 
 # -- momentum ----------------------------------------------------------------------
 @numba.njit(**_JIT)
+def _momentum_element(arrays, i, rule, like):
+    """Update element ``i`` of ``arrays`` (θ, g, m); return what a probe sums:
+    (g as stored, Δθ as stored, θ after, g with decay, m before, m as stored)."""
+    theta, grad, buffer = arrays
+    lr, weight, weight_decay, sign, one = rule
+    th = _load(theta, i, like)
+    raw = _load(grad, i, like)
+    g = sign * raw
+    if weight_decay != 0:
+        g = g + weight_decay * th
+    m_prev = _load(buffer, i, like)
+    m = _lerp(m_prev, g, weight, one)
+    new = th - lr * m
+    _store(buffer, i, m)
+    _store(theta, i, new)
+    after = _as_stored(theta, new)
+    return raw, after - th, after, g, m_prev, _as_stored(buffer, m)
+
+
+@numba.njit(**_JIT)
 def momentum_kernel(
     params,  # int64 addresses, one per tensor
     grads,
@@ -821,37 +827,70 @@ def momentum_kernel(
 ):
     lr, weight, weight_decay, sign = hyper[0], hyper[1], hyper[2], hyper[3]
     one = hyper[3] * hyper[3]
+    rule = (lr, weight, weight_decay, sign, one)
     for c in range(first, last):
         t, start = chunk_tensor[c], chunk_start[c]
         stop = min(start + CHUNK, sizes[t])
-        _open(probe, c, stop - start)
         theta = _view(params, sizes, t, start, stop, param_like)
         grad = _view(grads, sizes, t, start, stop, grad_like)
         buffer = _view(buffers, sizes, t, start, stop, buffer_like)
-        grad_sq = update_sq = param_sq = grad_m = m_sq = _zero(probe, hyper)
-        for i in range(stop - start):
-            th = _load(theta, i, hyper)
-            raw = _load(grad, i, hyper)
-            g = sign * raw
-            if weight_decay != 0:
-                g = g + weight_decay * th
-            m_prev = _load(buffer, i, hyper)
-            m = _lerp(m_prev, g, weight, one)
-            new = th - lr * m
-            _store(buffer, i, m)
-            _store(theta, i, new)
-            after, m_kept = _as_stored(theta, new), _as_stored(buffer, m)
-            delta = after - th
-            grad_sq = _add(probe, grad_sq, raw, raw)
-            update_sq = _add(probe, update_sq, delta, delta)
-            param_sq = _add(probe, param_sq, after, after)
-            grad_m = _add(probe, grad_m, g, m_prev)
-            m_sq = _add(probe, m_sq, m_kept, m_kept)
+        whole = (theta, grad, buffer)
+        if probe is None:
+            for i in range(stop - start):
+                _momentum_element(whole, i, rule, hyper)
+            continue
+        _open(probe, c, stop - start)
+        # Two halves of the chunk in one loop (see "Pairs" above).
+        half = (stop - start) // 2
+        a = (theta[:half], grad[:half], buffer[:half])
+        b = (theta[half : 2 * half], grad[half : 2 * half], buffer[half : 2 * half])
+        grad_sq = update_sq = param_sq = grad_m = m_sq = _zero(hyper)
+        for i in range(half):
+            r1, d1, a1, g1, p1, k1 = _momentum_element(a, i, rule, hyper)
+            r2, d2, a2, g2, p2, k2 = _momentum_element(b, i, rule, hyper)
+            grad_sq = _tally(grad_sq, _dot2(r1, r1, r2, r2))
+            update_sq = _tally(update_sq, _dot2(d1, d1, d2, d2))
+            param_sq = _tally(param_sq, _dot2(a1, a1, a2, a2))
+            grad_m = _tally(grad_m, _dot2(g1, p1, g2, p2))
+            m_sq = _tally(m_sq, _dot2(k1, k1, k2, k2))
+        if 2 * half < stop - start:
+            r, d, a, g, p, k = _momentum_element(whole, 2 * half, rule, hyper)
+            grad_sq = _tally(grad_sq, r * r)
+            update_sq = _tally(update_sq, d * d)
+            param_sq = _tally(param_sq, a * a)
+            grad_m = _tally(grad_m, g * p)
+            m_sq = _tally(m_sq, k * k)
         sums = (grad_sq, update_sq, param_sq, grad_m, m_sq)
         _momentum_chunk(probe, c, theta, grad, buffer, hyper, sums)
 
 
 # -- adam ----------------------------------------------------------------------------
+@numba.njit(**_JIT)
+def _adam_element(arrays, i, step_size, sqrt_bias2, rule, like):
+    """Update element ``i`` of ``arrays`` (θ, g, m, v, v_max or None); return
+    what a probe sums: (g as stored, Δθ as stored, θ after, the bits of the
+    ``v`` the step used, as stored)."""
+    theta, grad, m_, v_, vmax_ = arrays
+    weight1, beta2, weight2, eps, l2, decay, sign, one, zero = rule
+    th0 = _load(theta, i, like)
+    th = th0 * decay  # decoupled decay, else decay=1
+    raw = _load(grad, i, like)
+    g = sign * raw
+    if l2 != 0:
+        g = g + l2 * th
+    m = _lerp(_load(m_, i, like), g, weight1, one)
+    v = _load(v_, i, like) * beta2 + weight2 * (g * g)
+    _store(m_, i, m)
+    _store(v_, i, v)
+    v = _running_max(vmax_, i, v, like)
+    denom = np.sqrt(v) / sqrt_bias2 + eps
+    update = zero if denom == 0 else m / denom
+    new = th - step_size * update
+    _store(theta, i, new)
+    after = _as_stored(theta, new)
+    return raw, after - th0, after, _order_bits(_as_stored(_either(vmax_, v_), v))
+
+
 @numba.njit(**_JIT)
 def adam_kernel(
     params,  # int64 addresses, one per tensor
@@ -875,44 +914,52 @@ def adam_kernel(
     # tensor, thresholds per tensor, bins and cuts per table, table and
     # histogram stride per tensor)
 ):
-    weight1, beta2, weight2, eps = hyper[0], hyper[1], hyper[2], hyper[3]
-    l2, decay, sign = hyper[4], hyper[5], hyper[6]
-    one, zero = sign * sign, sign - sign
+    sign = hyper[6]
+    one, zero = sign * sign, sign - sign  # in the compute dtype
+    rule = (hyper[0], hyper[1], hyper[2], hyper[3], hyper[4], hyper[5], sign, one, zero)
     counts = _counts(probe)
     for c in range(first, last):
         t, start = chunk_tensor[c], chunk_start[c]
         stop = min(start + CHUNK, sizes[t])
         step_size, sqrt_bias2 = step_sizes[t], sqrt_bias2s[t]
-        _open(probe, c, stop - start)
         theta = _view(params, sizes, t, start, stop, param_like)
         grad = _view(grads, sizes, t, start, stop, grad_like)
         m_ = _view(exp_avgs, sizes, t, start, stop, state_like)
         v_ = _view(exp_avg_sqs, sizes, t, start, stop, state_like)
         vmax_ = _optional_view(max_exp_avg_sqs, sizes, t, start, stop, max_like)
-        used = _either(vmax_, v_)
-        grad_sq = update_sq = param_sq = _zero(probe, hyper)
-        low, high = _empty_range(probe, hyper)
-        for i in range(stop - start):
-            th0 = _load(theta, i, hyper)
-            th = th0 * decay  # decoupled decay, else decay=1
-            raw = _load(grad, i, hyper)
-            g = sign * raw
-            if l2 != 0:
-                g = g + l2 * th
-            m = _lerp(_load(m_, i, hyper), g, weight1, one)
-            v = _load(v_, i, hyper) * beta2 + weight2 * (g * g)
-            _store(m_, i, m)
-            _store(v_, i, v)
-            v = _running_max(vmax_, i, v, hyper)
-            denom = np.sqrt(v) / sqrt_bias2 + eps
-            update = zero if denom == 0 else m / denom
-            new = th - step_size * update
-            _store(theta, i, new)
-            after = _as_stored(theta, new)
-            delta = after - th0
-            grad_sq = _add(probe, grad_sq, raw, raw)
-            update_sq = _add(probe, update_sq, delta, delta)
-            param_sq = _add(probe, param_sq, after, after)
-            low, high = _widen(probe, low, high, _as_stored(used, v))
+        whole = (theta, grad, m_, v_, vmax_)
+        if probe is None:
+            for i in range(stop - start):
+                _adam_element(whole, i, step_size, sqrt_bias2, rule, hyper)
+            continue
+        _open(probe, c, stop - start)
+        # Two halves of the chunk in one loop (see "Pairs" above).
+        h = (stop - start) // 2
+        a = (theta[:h], grad[:h], m_[:h], v_[:h], _head(vmax_, h))
+        b = (
+            theta[h : 2 * h],
+            grad[h : 2 * h],
+            m_[h : 2 * h],
+            v_[h : 2 * h],
+            _middle(vmax_, h),
+        )
+        grad_sq = update_sq = param_sq = _zero(hyper)
+        low, high = _empty_range(hyper)
+        for i in range(h):
+            r1, d1, a1, v1 = _adam_element(a, i, step_size, sqrt_bias2, rule, hyper)
+            r2, d2, a2, v2 = _adam_element(b, i, step_size, sqrt_bias2, rule, hyper)
+            grad_sq = _tally(grad_sq, _dot2(r1, r1, r2, r2))
+            update_sq = _tally(update_sq, _dot2(d1, d1, d2, d2))
+            param_sq = _tally(param_sq, _dot2(a1, a1, a2, a2))
+            low, high = _umin(low, _umin(v1, v2)), _umax(high, _umax(v1, v2))
+        if 2 * h < stop - start:
+            r, d, after, bits = _adam_element(
+                whole, 2 * h, step_size, sqrt_bias2, rule, hyper
+            )
+            grad_sq = _tally(grad_sq, r * r)
+            update_sq = _tally(update_sq, d * d)
+            param_sq = _tally(param_sq, after * after)
+            low, high = _umin(low, bits), _umax(high, bits)
         sums = (grad_sq, update_sq, param_sq, low, high)
+        used = _either(vmax_, v_)
         _adam_chunk(probe, c, t, theta, grad, used, start, hyper, sums, counts)
