@@ -264,8 +264,10 @@ def _lerp(a, b, weight, one):
 # here), each carrying one rounding more than a single product: a relative
 # error below ``(4096 + 9) · 2**-24 ≈ 2.4e-4`` of the sum of the terms'
 # magnitudes, and near ``2**-24 · sqrt(4096)`` for typical data; chunks add in
-# float64. ``v``'s extrema are taken on the float's bits (a non-negative float
-# orders like its bits; a NaN's lie above +inf's), which needs no flag.
+# float64. ``v``'s extrema are taken on the float's raw bits (:func:`_raw_bits`:
+# a float of sign bit clear orders like its bits, a NaN above +inf), which
+# needs no flag; a chunk whose greatest bits lie above +inf's (a NaN, -0.0 or
+# a negative ``v``) takes them again from ``|v|`` in the second pass.
 
 _EXPONENT = np.uint64(52)
 _EXPONENT_MASK = np.uint64(0x7FF)
@@ -320,21 +322,6 @@ def _tally(typingctx, total, value):
 
 
 @intrinsic
-def _tally_product(typingctx, total, a, b):
-    """``total + a*b`` as :func:`_tally`, the product allowed to fuse into the
-    addition (one FMA, one rounding fewer)."""
-    if not isinstance(total, types.Float) or not total == a == b:
-        raise TypingError("total, a and b must be floats of one type")
-    sig = total(total, a, b)
-
-    def codegen(context, builder, signature, args):
-        product = builder.fmul(args[1], args[2], flags=("contract",))
-        return builder.fadd(args[0], product, flags=("reassoc", "contract"))
-
-    return sig, codegen
-
-
-@intrinsic
 def _order_bits(typingctx, value):
     """The bits of ``|value|`` (float32 as uint32, float64 as uint64): they order
     like the values, with a NaN's above +inf's. Typed by hand, because numba
@@ -349,6 +336,33 @@ def _order_bits(typingctx, value):
         return builder.and_(bits, ir.Constant(ir.IntType(width), (1 << width - 1) - 1))
 
     return sig, codegen
+
+
+@intrinsic
+def _raw_bits(typingctx, value):
+    """The bits of ``value`` (float32 as uint32, float64 as uint64). A float of
+    sign bit clear orders like them, up to +inf's (:func:`_inf_bits`); a
+    negative value, -0.0 and a NaN lie above."""
+    if value not in (types.float32, types.float64):
+        raise TypingError("value must be float32 or float64")
+    width = value.bitwidth
+    sig = types.Integer(f"uint{width}")(value)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(width))
+
+    return sig, codegen
+
+
+def _inf_bits(bits):
+    """+inf's bits at the width of ``bits``."""
+
+
+@overload(_inf_bits)
+def _inf_bits_overload(bits):
+    if bits == types.uint64:
+        return lambda bits: _INF_BITS
+    return lambda bits: np.uint32(0x7F800000)
 
 
 def _unsigned_extremum(is_max):
@@ -567,9 +581,9 @@ def _momentum_chunk(probe, c, theta, grad, buffer, hyper, sums):
 @numba.njit(**_JIT)
 def _adam_chunk(probe, c, tensor, theta, grad, v_used, start, hyper, sums, counts):
     """Fill chunk ``c``'s row (tensor index ``start`` on). ``sums`` is the
-    loop's Σg², Σ(Δθ)², Σθ² and the bits of the least and greatest ``|v|``;
+    loop's Σg², Σ(Δθ)², Σθ² and the raw bits of the least and greatest ``v``;
     Σg², Σθ² and the extrema are taken again in float64 from the chunk where
-    one is not trusted (a NaN ``v`` sorts above +inf, so it always is).
+    one is not trusted (bits above +inf's: a NaN, -0.0 or negative ``v``).
     Σ(Δθ)² has no second pass: θ before the step is gone.
 
     The effective step ``s = lr/(sqrt(v/c2)+eps)`` falls as ``v`` grows, so
@@ -585,7 +599,11 @@ def _adam_chunk(probe, c, tensor, theta, grad, v_used, start, hyper, sums, count
     row[2] = update_sq
     row[3] = param_sq
     low, high = _bits_value(low_bits), _bits_value(high_bits)
-    if not (_trusted(grad_sq) and _trusted(param_sq) and high <= np.inf):
+    # Raw bits: trusted where every v is in [+0, +inf]; else a NaN, -0.0 or a
+    # negative v is there, and the second pass orders |v|.
+    if not (
+        _trusted(grad_sq) and _trusted(param_sq) and high_bits <= _inf_bits(high_bits)
+    ):
         row[1], row[3], low_bits64, high_bits64 = _sums64_adam(
             theta, grad, v_used, hyper
         )
@@ -888,7 +906,7 @@ def _adam_element(arrays, i, step_size, sqrt_bias2, rule, like):
     new = th - step_size * update
     _store(theta, i, new)
     after = _as_stored(theta, new)
-    return raw, after - th0, after, _order_bits(_as_stored(_either(vmax_, v_), v))
+    return raw, after - th0, after, _raw_bits(_as_stored(_either(vmax_, v_), v))
 
 
 @numba.njit(**_JIT)
