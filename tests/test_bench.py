@@ -9,9 +9,11 @@ def test_bench_quick_writes_every_section(tmp_path) -> None:
     out = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert {"machine", "bandwidth", "optimizers", "dropout", "state_dtype"} <= set(
-        report
-    )
+    sections = {"machine", "bandwidth", "optimizers", "probes", "dropout"}
+    assert sections | {"state_dtype"} <= set(report)
+    assert {r["rule"] for r in report["probes"]} == {"Adam", "Momentum"}
+    for r in report["probes"]:
+        assert set(r["timings"]) == {"probes off", "probes on", "every=10"}
     variants = set(report["optimizers"][0]["variants"])
     assert variants == {"torch for-loop", "torch foreach", "torch fused", "optiscope"}
     assert report["dropout"][0]["saved_bytes"]["optiscope"] == 0

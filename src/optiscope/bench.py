@@ -142,8 +142,8 @@ def bench_bandwidth(numel: int, threads: int, rounds: int) -> dict[str, Any]:
     }
 
 
-def bench_probes(numel: int, threads: int, rounds: int) -> dict[str, Any]:
-    """``optiscope.Adam`` steps on one float32 tensor: probes off, probes on every
+def bench_probes(rule: str, numel: int, threads: int, rounds: int) -> dict[str, Any]:
+    """``optiscope.Adam`` (or ``Momentum``) steps on one float32 tensor: probes off, probes on every
     step, and on every 10th step (``every=10``). One optimizer and one set of
     tensors serve all three, the probe attached or removed between timings:
     separate tensors would differ by where their pages landed (measured here:
@@ -155,7 +155,7 @@ def bench_probes(numel: int, threads: int, rounds: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     w = torch.nn.Parameter(torch.randn(numel))
     w.grad = torch.randn(numel)
-    opt = optiscope.Adam([w], lr=LR)
+    opt = getattr(optiscope, rule)([w], lr=LR)
     settings = {"probes off": None, "probes on": 1, "every=10": 10}
 
     def ten_steps(every: int | None) -> float:
@@ -184,6 +184,7 @@ def bench_probes(numel: int, threads: int, rounds: int) -> dict[str, Any]:
         return float(np.median(np.array(times[name]) / off) - 1)
 
     return {
+        "rule": rule,
         "numel": numel,
         "threads": threads,
         "timings": timings,
@@ -352,7 +353,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cases += [Case(rule, many, count, t) for t in threads for rule in BYTES_PER_ELEMENT]
     report: dict[str, Any] = {"machine": machine(), "rounds": rounds, "quick": quick}
     with _progress() as progress:
-        task = progress.add_task("bench", total=len(cases) + len(threads) * 3 + 2)
+        task = progress.add_task("bench", total=len(cases) + len(threads) * 4 + 2)
         report["bandwidth"] = []
         for t in threads:
             report["bandwidth"].append(bench_bandwidth(sizes[0], t, rounds))
@@ -366,12 +367,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             report["optimizers"].append(bench_case(case, rounds))
             progress.advance(task)
         report["probes"] = []
-        for t in threads:
-            progress.update(task, description=f"Adam probes on/off {t}t")
-            # A few percent between two large times: more rounds than the rest.
-            probe_rounds = rounds if quick else max(rounds, 21)
-            report["probes"].append(bench_probes(sizes[0], t, probe_rounds))
-            progress.advance(task)
+        # A few percent between two large times: more rounds than the rest.
+        probe_rounds = rounds if quick else max(rounds, 21)
+        for rule in ("Adam", "Momentum"):
+            for t in threads:
+                progress.update(task, description=f"{rule} probes on/off {t}t")
+                report["probes"].append(bench_probes(rule, sizes[0], t, probe_rounds))
+                progress.advance(task)
         report["dropout"] = []
         for t in threads:
             progress.update(task, description=f"dropout {t}t")
@@ -452,14 +454,14 @@ def render(report: dict[str, Any]) -> str:
             )
     lines += [
         "",
-        "| Adam step, probes | threads | off ms | every step ms | overhead "
+        "| step, probes | threads | off ms | every step ms | overhead "
         "| every=10 ms | overhead |",
     ]
     lines.append("|---|---|---|---|---|---|---|")
     for r in report.get("probes", []):
         t = r["timings"]
         lines.append(
-            f"| {r['numel']:,} fp32 | {r['threads']} | {ms(t['probes off'])} | "
+            f"| {r['rule']} {r['numel']:,} fp32 | {r['threads']} | {ms(t['probes off'])} | "
             f"{ms(t['probes on'])} | {100 * r['overhead']:+.1f}% | "
             f"{ms(t['every=10'])} | {100 * r['overhead_every_10']:+.1f}% |"
         )
