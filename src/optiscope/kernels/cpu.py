@@ -403,23 +403,23 @@ def _dot2(typingctx, a1, b1, a2, b2):
     return sig, codegen
 
 
-def _head(array, n):
+def _first_half(array, n):
     """``array[:n]``, or None for None (a state the rule doesn't use)."""
 
 
-@overload(_head)
-def _head_overload(array, n):
+@overload(_first_half)
+def _first_half_overload(array, n):
     if isinstance(array, types.NoneType):
         return lambda array, n: None
     return lambda array, n: array[:n]
 
 
-def _middle(array, n):
+def _second_half(array, n):
     """``array[n:2n]``, or None for None."""
 
 
-@overload(_middle)
-def _middle_overload(array, n):
+@overload(_second_half)
+def _second_half_overload(array, n):
     if isinstance(array, types.NoneType):
         return lambda array, n: None
     return lambda array, n: array[n : 2 * n]
@@ -953,13 +953,13 @@ def adam_kernel(
         _open(probe, c, stop - start)
         # Two halves of the chunk in one loop (see "Pairs" above).
         h = (stop - start) // 2
-        a = (theta[:h], grad[:h], m_[:h], v_[:h], _head(vmax_, h))
+        a = (theta[:h], grad[:h], m_[:h], v_[:h], _first_half(vmax_, h))
         b = (
             theta[h : 2 * h],
             grad[h : 2 * h],
             m_[h : 2 * h],
             v_[h : 2 * h],
-            _middle(vmax_, h),
+            _second_half(vmax_, h),
         )
         grad_sq = update_sq = param_sq = _zero(hyper)
         low, high = _empty_range(hyper)
