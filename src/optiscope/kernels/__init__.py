@@ -134,28 +134,30 @@ _pool: ThreadPoolExecutor | None = None
 
 
 def _run(kernel: Any, head: tuple, chunk_numel: np.ndarray, tail: tuple) -> None:
-    """``kernel(*head, first, last, *tail)`` over every chunk, the chunks cut into
-    ``torch.get_num_threads()`` contiguous ranges of about equal elements, one per
-    thread (this one included). Results don't depend on the cut: each chunk is
-    computed, and its partial sums written, the same way whichever thread runs it."""
+    """``kernel(*head, next_chunk, chunks, *tail)`` on ``torch.get_num_threads()``
+    threads (this one included), all sharing the counter ``next_chunk`` from
+    which each takes the next chunk it updates. Taken this way rather than cut
+    into equal ranges, because right after a torch op (the backward pass) torch's
+    OpenMP workers spin for a few milliseconds on the same cores, and a thread
+    sharing its core with one would hold the whole step back. Results don't
+    depend on who takes what: each chunk is computed, and its partial sums
+    written, the same way whichever thread runs it."""
     global _pool
     from .cpu import CHUNK
 
-    total = int(chunk_numel.sum())
-    threads = min(torch.get_num_threads(), chunk_numel.size)
-    if threads < 2 or total <= CHUNK:
-        kernel(*head, 0, chunk_numel.size, *tail)
+    next_chunk = np.zeros(1, np.int64)
+    chunks = chunk_numel.size
+    threads = min(torch.get_num_threads(), chunks)
+    if threads < 2 or int(chunk_numel.sum()) <= CHUNK:
+        kernel(*head, next_chunk, chunks, *tail)
         return
     if _pool is None or _pool._max_workers < threads - 1:
         _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="optiscope")
-    ends = np.cumsum(chunk_numel)
-    cuts = np.searchsorted(ends, total * np.arange(1, threads) / threads) + 1
-    bounds = [0, *cuts.tolist(), chunk_numel.size]
     futures = [
-        _pool.submit(kernel, *head, bounds[k], bounds[k + 1], *tail)
-        for k in range(1, threads)
+        _pool.submit(kernel, *head, next_chunk, chunks, *tail)
+        for _ in range(threads - 1)
     ]
-    kernel(*head, bounds[0], bounds[1], *tail)
+    kernel(*head, next_chunk, chunks, *tail)
     for future in futures:
         future.result()
 

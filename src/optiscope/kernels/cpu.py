@@ -7,12 +7,14 @@ Layout shared by every kernel:
   into a typed pointer and ``numba.carray`` into an array, so 200 small tensors
   cost one kernel launch, not 200.
 * **Fixed chunks.** Work is cut into chunks of ``CHUNK`` elements of one tensor,
-  whatever the thread count. Kernels take a range of chunks and run serially
-  (``nogil``) on the threads of a pool in :mod:`optiscope.kernels` (dropout's,
-  in :mod:`.cpu_dropout`, uses ``prange``). Every update is elementwise, so it
-  is bitwise identical across runs and thread counts.
-  A probe's per-chunk sums (issue 5) are one more output array indexed by
-  chunk, reduced per tensor in chunk order afterwards: deterministic too.
+  whatever the thread count. The same kernel runs (``nogil``) on every thread
+  of a pool in :mod:`optiscope.kernels`, each taking the next free chunk from a
+  shared counter (:func:`_claim`) until none is left (dropout's kernels, in
+  :mod:`.cpu_dropout`, use ``prange``). Every update is elementwise, and a
+  chunk is computed the same way whichever thread takes it, so results are
+  bitwise identical across runs and thread counts. A probe's per-chunk sums
+  (issue 5) are one more output array indexed by chunk, reduced per tensor in
+  chunk order afterwards: deterministic too.
 * **Storage vs compute dtype.** Arrays are loaded with :func:`_load` into the
   compute dtype (float64 for float64, float32 for everything else) and written
   back with :func:`_store`, rounding once. bfloat16 travels as ``uint16`` bits
@@ -212,6 +214,24 @@ def _lerp(a, b, weight, one):
     if weight < 0.5:
         return a + weight * (b - a)
     return b - (b - a) * (one - weight)
+
+
+@intrinsic
+def _claim(typingctx, counter):
+    """Take the next chunk: ``counter[0] += 1`` as one atomic operation,
+    returning the value before. Threads that share ``counter`` each take the
+    chunks they get to, so a thread slowed by another process on its core
+    (torch's OpenMP workers spin for a while after each torch op) takes fewer."""
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
+        raise TypingError("counter must be an int64 array")
+    sig = types.int64(counter)
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        one = ir.Constant(ir.IntType(64), 1)
+        return builder.atomic_rmw("add", array.data, one, "monotonic")
+
+    return sig, codegen
 
 
 # -- probes: sums kept by the update loop itself ----------------------------------------
@@ -835,8 +855,8 @@ def momentum_kernel(
     sizes,  # int64 numel per tensor
     chunk_tensor,  # int64 tensor index of each chunk
     chunk_start,  # int64 first element of each chunk
-    first,  # this call updates chunks first..last-1
-    last,
+    next_chunk,  # int64[1], shared by the calling threads: the next chunk to take
+    last,  # the number of chunks
     hyper,  # compute dtype: lr, 1 - momentum, weight_decay, sign (-1 if maximize)
     param_like,
     grad_like,
@@ -846,7 +866,10 @@ def momentum_kernel(
     lr, weight, weight_decay, sign = hyper[0], hyper[1], hyper[2], hyper[3]
     one = hyper[3] * hyper[3]
     rule = (lr, weight, weight_decay, sign, one)
-    for c in range(first, last):
+    while True:
+        c = _claim(next_chunk)
+        if c >= last:
+            break
         t, start = chunk_tensor[c], chunk_start[c]
         stop = min(start + CHUNK, sizes[t])
         theta = _view(params, sizes, t, start, stop, param_like)
@@ -919,8 +942,8 @@ def adam_kernel(
     sizes,
     chunk_tensor,
     chunk_start,
-    first,  # this call updates chunks first..last-1
-    last,
+    next_chunk,  # int64[1], shared by the calling threads: the next chunk to take
+    last,  # the number of chunks
     step_sizes,  # compute dtype, per tensor: lr / (1 - beta1^t)
     sqrt_bias2s,  # compute dtype, per tensor: sqrt(1 - beta2^t)
     hyper,  # compute dtype: 1-beta1, beta2, 1-beta2, eps, l2, decay factor, sign
@@ -936,7 +959,10 @@ def adam_kernel(
     one, zero = sign * sign, sign - sign  # in the compute dtype
     rule = (hyper[0], hyper[1], hyper[2], hyper[3], hyper[4], hyper[5], sign, one, zero)
     counts = _counts(probe)
-    for c in range(first, last):
+    while True:
+        c = _claim(next_chunk)
+        if c >= last:
+            break
         t, start = chunk_tensor[c], chunk_start[c]
         stop = min(start + CHUNK, sizes[t])
         step_size, sqrt_bias2 = step_sizes[t], sqrt_bias2s[t]
