@@ -133,19 +133,19 @@ SUMS = {
 
 def sum_tolerance(dtype: torch.dtype) -> float:
     """The worst relative error, against the sum of its terms' magnitudes, of a
-    kernel's float32 chunk sum. The probed loop adds one term per pair of
-    elements, so each of at least 8 vector lanes adds at most CHUNK/16 terms
-    one by one (recursive summation: ``(n-1)·u``), plus the odd last element;
-    the lanes then combine in at most 4 more roundings (16 lanes); a pair term
-    carries 2 roundings (a product and the pair's addition) on top of its
-    factors' own, which are at most 2 (momentum's ``g``). float64 kernels
-    differ from torch's float64 sum only by the order of additions, at
-    ``n·2**-53``."""
+    kernel's float32 chunk sum. The probed loop adds one term per three
+    elements, so each of at least 8 vector lanes adds at most CHUNK/24 + 1
+    terms one by one (recursive summation: ``(n-1)·u``), plus the 0-2
+    elements left over; the lanes then combine in at most 4 more roundings
+    (16 lanes); a term carries 3 roundings (a product and two additions) on
+    top of its factors' own, which are at most 2 (momentum's ``g``). float64
+    kernels differ from torch's float64 sum only by the order of additions,
+    at ``n·2**-53``."""
     from optiscope.kernels.cpu import CHUNK
 
     if dtype == torch.float64:
         return 2 * CHUNK * 2.0**-53
-    return (CHUNK // 16 + 1 + 4 + 2 + 2) * 2.0**-24
+    return (CHUNK // 24 + 1 + 2 + 4 + 3 + 2) * 2.0**-24
 
 
 def assert_rows_match(config: Config, rows, expected, used, dtype) -> None:
@@ -334,9 +334,10 @@ def test_step_thresholds_are_the_least_v_that_cross(lr, eps) -> None:
 def test_float32_sums_count_every_element_once() -> None:
     """On values whose float32 sums are exact, the kernel's sums equal the
     float64 oracle's exactly: no element lost or counted twice, across chunks
-    and tensors (3 chunks, then 5 tensors of odd sizes)."""
+    and tensors, and whatever is left over after a chunk's three parts (0, 1
+    or 2 elements: sizes 150,001 in 3 chunks, then 1, 65,536, 65,537, 7, 12)."""
     gen = torch.Generator().manual_seed(0)
-    sizes = [150_001, 1, 65_536, 65_537, 7]
+    sizes = [150_001, 1, 65_536, 65_537, 7, 12]
 
     def signs(n):
         return torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1
@@ -370,12 +371,12 @@ def test_float32_sums_count_every_element_once() -> None:
 
 
 def test_float32_adam_sums_count_every_element_once() -> None:
-    """Adam's paired loop, as the momentum test above: on values whose float32
+    """Adam's loop over a chunk's three parts, as the momentum test above: on values whose float32
     sums are exact, the sums and extrema equal the hand-computed ones exactly.
     With β1 = 1/2, β2 = 1 - 2**-4, ε = 0 at step 1, every update is exactly
     ``-lr·sign(g)`` and the effective step of a coordinate is ``lr/|g|``."""
     gen = torch.Generator().manual_seed(1)
-    sizes = [150_001, 1, 65_536, 65_537, 7]
+    sizes = [150_001, 1, 65_536, 65_537, 7, 12]
     grads = [
         (torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1)
         * torch.randint(1, 3, (n,), generator=gen).float()

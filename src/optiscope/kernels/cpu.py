@@ -242,18 +242,22 @@ def _claim(typingctx, counter):
 # The update loop keeps the chunk's running sums (and Adam's least and greatest
 # ``v``) in the compute dtype, so the loop keeps its vector width.
 #
-# **Pairs.** The probed loop walks the chunk's two halves in step: iteration
-# ``i`` updates elements ``i`` and ``i + n/2`` and adds one term per sum, the
-# two elements' products added first (:func:`_dot2`); an odd last element is
-# added after the loop. Why: once the step runs from memory, every running sum
-# is a dependency chain whose next link waits for the slowest load, and those
-# waiting links fill the scheduler that would otherwise run ahead and issue
-# later loads. On a 10M-element float32 Adam step (4 KiB pages) the one-stream
-# loop cost +11-16% against the unprobed step; two streams and half the
-# links cost +3-5% (1 and 2 threads). Four streams were slower (+34%), and so
-# were software prefetches (+11-35%, the hardware prefetcher already saturates
-# the memory system). The unprobed loop stays one stream, which is fastest
-# unprobed. Both loops call the one per-element update (:func:`_adam_element`,
+# **Parts.** Both loops, probed or not, walk the chunk's three equal parts in
+# step: iteration ``i`` updates elements ``i``, ``i + n/3`` and ``i + 2n/3``
+# (the 0-2 left over come after the loop), and the probed loop adds one term
+# per sum for the three (:func:`_dot3`). Why, measured on a 10M-element
+# float32 Adam step with torch's 4 KiB pages: once the step runs from memory,
+# every running sum is a dependency chain whose next link waits for the
+# slowest load, and the waiting links fill the scheduler that would otherwise
+# run ahead and issue later loads. A one-stream probed loop cost +11-16%
+# against the one-stream unprobed loop; two halves in step (half the links)
+# +3-10%, more on a busy host; three parts 0-2%, at 1 and 2 threads. Three
+# parts also start their streams at offsets that are not multiples of the
+# page size, so the seven streams don't all cross a page (and restart the
+# hardware prefetcher) at once; the unprobed loop is no slower for it. Four
+# parts spilled registers (+10-34%); software prefetches were slower too
+# (+11-35%: the hardware prefetcher already saturates the memory system).
+# Both loops call the one per-element update (:func:`_adam_element`,
 # :func:`_momentum_element`), so a probe never changes a value the step writes.
 #
 # Earlier designs measured worse: a float64 read-back of each L1-sized block
@@ -279,11 +283,12 @@ def _claim(typingctx, counter):
 #
 # Reassociation is allowed on the sums' additions only (:func:`_tally`, a flag
 # on the instruction), so they split across vector lanes while the update keeps
-# its IEEE order. A float32 chunk sum thus adds at most ``CHUNK / (2 lanes)``
-# pair terms per lane (4096 with the 8 float32 lanes of AVX2; LLVM picks 16
-# here), each carrying one rounding more than a single product: a relative
-# error below ``(4096 + 9) · 2**-24 ≈ 2.4e-4`` of the sum of the terms'
-# magnitudes, and near ``2**-24 · sqrt(4096)`` for typical data; chunks add in
+# its IEEE order. A float32 chunk sum thus adds at most ``CHUNK / (3 lanes)``
+# terms per lane (2731 with the 8 float32 lanes of AVX2; LLVM picks 16 here),
+# each carrying two roundings more than a single product (its two additions):
+# a relative error below ``2742 · 2**-24 ≈ 1.6e-4`` of the sum of the terms'
+# magnitudes (the derivation is in ``tests/test_kernel_stats.py``), and near
+# ``2**-24 · sqrt(2731)`` for typical data; chunks add in
 # float64. ``v``'s extrema are taken on the float's raw bits (:func:`_raw_bits`:
 # a float of sign bit clear orders like its bits, a NaN above +inf), which
 # needs no flag; a chunk whose greatest bits lie above +inf's (a NaN, -0.0 or
@@ -408,41 +413,32 @@ _umax = intrinsic(_unsigned_extremum(True))
 
 
 @intrinsic
-def _dot2(typingctx, a1, b1, a2, b2):
-    """``a1*b1 + a2*b2`` (one float type), the first product allowed to fuse
-    into the addition: the term a pair of elements adds to a running sum."""
-    if not isinstance(a1, types.Float) or not a1 == b1 == a2 == b2:
-        raise TypingError("a1, b1, a2 and b2 must be floats of one type")
-    sig = a1(a1, b1, a2, b2)
+def _dot3(typingctx, a1, b1, a2, b2, a3, b3):
+    """``a1*b1 + a2*b2 + a3*b3`` (one float type), the products allowed to fuse
+    into the additions: the term three elements add to a running sum."""
+    if not isinstance(a1, types.Float) or not a1 == b1 == a2 == b2 == a3 == b3:
+        raise TypingError("a1, b1, a2, b2, a3 and b3 must be floats of one type")
+    sig = a1(a1, b1, a2, b2, a3, b3)
 
     def codegen(context, builder, signature, args):
-        first = builder.fmul(args[0], args[1], flags=("contract",))
-        second = builder.fmul(args[2], args[3])
-        return builder.fadd(first, second, flags=("contract",))
+        term = builder.fmul(args[0], args[1])
+        for x, y in ((args[2], args[3]), (args[4], args[5])):
+            product = builder.fmul(x, y, flags=("contract",))
+            term = builder.fadd(term, product, flags=("contract",))
+        return term
 
     return sig, codegen
 
 
-def _first_half(array, n):
-    """``array[:n]``, or None for None (a state the rule doesn't use)."""
+def _part(array, k, size):
+    """``array[k*size:(k+1)*size]``, or None for None (a state the rule doesn't use)."""
 
 
-@overload(_first_half)
-def _first_half_overload(array, n):
+@overload(_part)
+def _part_overload(array, k, size):
     if isinstance(array, types.NoneType):
-        return lambda array, n: None
-    return lambda array, n: array[:n]
-
-
-def _second_half(array, n):
-    """``array[n:2n]``, or None for None."""
-
-
-@overload(_second_half)
-def _second_half_overload(array, n):
-    if isinstance(array, types.NoneType):
-        return lambda array, n: None
-    return lambda array, n: array[n : 2 * n]
+        return lambda array, k, size: None
+    return lambda array, k, size: array[k * size : (k + 1) * size]
 
 
 def _zero(like):
@@ -876,30 +872,35 @@ def momentum_kernel(
         grad = _view(grads, sizes, t, start, stop, grad_like)
         buffer = _view(buffers, sizes, t, start, stop, buffer_like)
         whole = (theta, grad, buffer)
-        if probe is None:
-            for i in range(stop - start):
+        size = (stop - start) // 3
+        p1 = (_part(theta, 0, size), _part(grad, 0, size), _part(buffer, 0, size))
+        p2 = (_part(theta, 1, size), _part(grad, 1, size), _part(buffer, 1, size))
+        p3 = (_part(theta, 2, size), _part(grad, 2, size), _part(buffer, 2, size))
+        if probe is None:  # the same loop (see "Parts" above), without sums
+            for i in range(size):
+                _momentum_element(p1, i, rule, hyper)
+                _momentum_element(p2, i, rule, hyper)
+                _momentum_element(p3, i, rule, hyper)
+            for i in range(3 * size, stop - start):
                 _momentum_element(whole, i, rule, hyper)
             continue
         _open(probe, c, stop - start)
-        # Two halves of the chunk in one loop (see "Pairs" above).
-        half = (stop - start) // 2
-        a = (theta[:half], grad[:half], buffer[:half])
-        b = (theta[half : 2 * half], grad[half : 2 * half], buffer[half : 2 * half])
         grad_sq = update_sq = param_sq = grad_m = m_sq = _zero(hyper)
-        for i in range(half):
-            r1, d1, a1, g1, p1, k1 = _momentum_element(a, i, rule, hyper)
-            r2, d2, a2, g2, p2, k2 = _momentum_element(b, i, rule, hyper)
-            grad_sq = _tally(grad_sq, _dot2(r1, r1, r2, r2))
-            update_sq = _tally(update_sq, _dot2(d1, d1, d2, d2))
-            param_sq = _tally(param_sq, _dot2(a1, a1, a2, a2))
-            grad_m = _tally(grad_m, _dot2(g1, p1, g2, p2))
-            m_sq = _tally(m_sq, _dot2(k1, k1, k2, k2))
-        if 2 * half < stop - start:
-            r, d, a, g, p, k = _momentum_element(whole, 2 * half, rule, hyper)
+        for i in range(size):
+            r1, d1, a1, g1, m1, k1 = _momentum_element(p1, i, rule, hyper)
+            r2, d2, a2, g2, m2, k2 = _momentum_element(p2, i, rule, hyper)
+            r3, d3, a3, g3, m3, k3 = _momentum_element(p3, i, rule, hyper)
+            grad_sq = _tally(grad_sq, _dot3(r1, r1, r2, r2, r3, r3))
+            update_sq = _tally(update_sq, _dot3(d1, d1, d2, d2, d3, d3))
+            param_sq = _tally(param_sq, _dot3(a1, a1, a2, a2, a3, a3))
+            grad_m = _tally(grad_m, _dot3(g1, m1, g2, m2, g3, m3))
+            m_sq = _tally(m_sq, _dot3(k1, k1, k2, k2, k3, k3))
+        for i in range(3 * size, stop - start):
+            r, d, a, g, m, k = _momentum_element(whole, i, rule, hyper)
             grad_sq = _tally(grad_sq, r * r)
             update_sq = _tally(update_sq, d * d)
             param_sq = _tally(param_sq, a * a)
-            grad_m = _tally(grad_m, g * p)
+            grad_m = _tally(grad_m, g * m)
             m_sq = _tally(m_sq, k * k)
         sums = (grad_sq, update_sq, param_sq, grad_m, m_sq)
         _momentum_chunk(probe, c, theta, grad, buffer, hyper, sums)
@@ -972,33 +973,51 @@ def adam_kernel(
         v_ = _view(exp_avg_sqs, sizes, t, start, stop, state_like)
         vmax_ = _optional_view(max_exp_avg_sqs, sizes, t, start, stop, max_like)
         whole = (theta, grad, m_, v_, vmax_)
-        if probe is None:
-            for i in range(stop - start):
+        size = (stop - start) // 3
+        p1 = (
+            _part(theta, 0, size),
+            _part(grad, 0, size),
+            _part(m_, 0, size),
+            _part(v_, 0, size),
+            _part(vmax_, 0, size),
+        )
+        p2 = (
+            _part(theta, 1, size),
+            _part(grad, 1, size),
+            _part(m_, 1, size),
+            _part(v_, 1, size),
+            _part(vmax_, 1, size),
+        )
+        p3 = (
+            _part(theta, 2, size),
+            _part(grad, 2, size),
+            _part(m_, 2, size),
+            _part(v_, 2, size),
+            _part(vmax_, 2, size),
+        )
+        if probe is None:  # the same loop (see "Parts" above), without sums
+            for i in range(size):
+                _adam_element(p1, i, step_size, sqrt_bias2, rule, hyper)
+                _adam_element(p2, i, step_size, sqrt_bias2, rule, hyper)
+                _adam_element(p3, i, step_size, sqrt_bias2, rule, hyper)
+            for i in range(3 * size, stop - start):
                 _adam_element(whole, i, step_size, sqrt_bias2, rule, hyper)
             continue
         _open(probe, c, stop - start)
-        # Two halves of the chunk in one loop (see "Pairs" above).
-        h = (stop - start) // 2
-        a = (theta[:h], grad[:h], m_[:h], v_[:h], _first_half(vmax_, h))
-        b = (
-            theta[h : 2 * h],
-            grad[h : 2 * h],
-            m_[h : 2 * h],
-            v_[h : 2 * h],
-            _second_half(vmax_, h),
-        )
         grad_sq = update_sq = param_sq = _zero(hyper)
         low, high = _empty_range(hyper)
-        for i in range(h):
-            r1, d1, a1, v1 = _adam_element(a, i, step_size, sqrt_bias2, rule, hyper)
-            r2, d2, a2, v2 = _adam_element(b, i, step_size, sqrt_bias2, rule, hyper)
-            grad_sq = _tally(grad_sq, _dot2(r1, r1, r2, r2))
-            update_sq = _tally(update_sq, _dot2(d1, d1, d2, d2))
-            param_sq = _tally(param_sq, _dot2(a1, a1, a2, a2))
-            low, high = _umin(low, _umin(v1, v2)), _umax(high, _umax(v1, v2))
-        if 2 * h < stop - start:
+        for i in range(size):
+            r1, d1, a1, v1 = _adam_element(p1, i, step_size, sqrt_bias2, rule, hyper)
+            r2, d2, a2, v2 = _adam_element(p2, i, step_size, sqrt_bias2, rule, hyper)
+            r3, d3, a3, v3 = _adam_element(p3, i, step_size, sqrt_bias2, rule, hyper)
+            grad_sq = _tally(grad_sq, _dot3(r1, r1, r2, r2, r3, r3))
+            update_sq = _tally(update_sq, _dot3(d1, d1, d2, d2, d3, d3))
+            param_sq = _tally(param_sq, _dot3(a1, a1, a2, a2, a3, a3))
+            low = _umin(low, _umin(_umin(v1, v2), v3))
+            high = _umax(high, _umax(_umax(v1, v2), v3))
+        for i in range(3 * size, stop - start):
             r, d, after, bits = _adam_element(
-                whole, 2 * h, step_size, sqrt_bias2, rule, hyper
+                whole, i, step_size, sqrt_bias2, rule, hyper
             )
             grad_sq = _tally(grad_sq, r * r)
             update_sq = _tally(update_sq, d * d)
