@@ -296,7 +296,6 @@ def _claim(typingctx, counter):
 
 _EXPONENT = np.uint64(52)
 _EXPONENT_MASK = np.uint64(0x7FF)
-_ABS_MASK = np.uint64(0x7FFFFFFFFFFFFFFF)
 _INF_BITS = np.uint64(0x7FF0000000000000)
 _NO_BITS = np.uint64(0)
 _ALL_BITS = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -439,6 +438,27 @@ def _part_overload(array, k, size):
     if isinstance(array, types.NoneType):
         return lambda array, k, size: None
     return lambda array, k, size: array[k * size : (k + 1) * size]
+
+
+def _parts(arrays, k, size):
+    """:func:`_part` of each array of ``arrays`` (a tuple of 3 or 5)."""
+
+
+@overload(_parts)
+def _parts_overload(arrays, k, size):
+    if len(arrays) == 3:
+        return lambda arrays, k, size: (
+            _part(arrays[0], k, size),
+            _part(arrays[1], k, size),
+            _part(arrays[2], k, size),
+        )
+    return lambda arrays, k, size: (
+        _part(arrays[0], k, size),
+        _part(arrays[1], k, size),
+        _part(arrays[2], k, size),
+        _part(arrays[3], k, size),
+        _part(arrays[4], k, size),
+    )
 
 
 def _zero(like):
@@ -873,9 +893,11 @@ def momentum_kernel(
         buffer = _view(buffers, sizes, t, start, stop, buffer_like)
         whole = (theta, grad, buffer)
         size = (stop - start) // 3
-        p1 = (_part(theta, 0, size), _part(grad, 0, size), _part(buffer, 0, size))
-        p2 = (_part(theta, 1, size), _part(grad, 1, size), _part(buffer, 1, size))
-        p3 = (_part(theta, 2, size), _part(grad, 2, size), _part(buffer, 2, size))
+        p1, p2, p3 = (
+            _parts(whole, 0, size),
+            _parts(whole, 1, size),
+            _parts(whole, 2, size),
+        )
         if probe is None:  # the same loop (see "Parts" above), without sums
             for i in range(size):
                 _momentum_element(p1, i, rule, hyper)
@@ -974,26 +996,10 @@ def adam_kernel(
         vmax_ = _optional_view(max_exp_avg_sqs, sizes, t, start, stop, max_like)
         whole = (theta, grad, m_, v_, vmax_)
         size = (stop - start) // 3
-        p1 = (
-            _part(theta, 0, size),
-            _part(grad, 0, size),
-            _part(m_, 0, size),
-            _part(v_, 0, size),
-            _part(vmax_, 0, size),
-        )
-        p2 = (
-            _part(theta, 1, size),
-            _part(grad, 1, size),
-            _part(m_, 1, size),
-            _part(v_, 1, size),
-            _part(vmax_, 1, size),
-        )
-        p3 = (
-            _part(theta, 2, size),
-            _part(grad, 2, size),
-            _part(m_, 2, size),
-            _part(v_, 2, size),
-            _part(vmax_, 2, size),
+        p1, p2, p3 = (
+            _parts(whole, 0, size),
+            _parts(whole, 1, size),
+            _parts(whole, 2, size),
         )
         if probe is None:  # the same loop (see "Parts" above), without sums
             for i in range(size):
