@@ -10,7 +10,8 @@ from test_kernels_cpu import adam_options, momentum_options
 
 import optiscope
 from optiscope import kernels
-from optiscope.probes import layout, measure
+from optiscope.kernels import rows as layout
+from optiscope.probes import measure
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # 0-dim, vector, non-contiguous, empty, and one over two chunks (> 65,536).

@@ -388,7 +388,8 @@ def _probe_grads(params, gen):
 def test_adam_probe_rows_match_the_snapshot_oracle(config, dtype) -> None:
     """The kernel's rows against measure.torch_adam_row on before/after copies:
     float64 sums to their order of addition, counts and histogram exactly."""
-    from optiscope.probes import layout, measure
+    from optiscope.kernels import rows as layout
+    from optiscope.probes import measure
 
     options = adam_options(config)
     state = AdamState(dtype, dtype, options["amsgrad"])
@@ -436,7 +437,8 @@ def test_adam_probe_rows_match_the_snapshot_oracle(config, dtype) -> None:
     "dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str
 )
 def test_momentum_probe_rows_match_the_snapshot_oracle(config, dtype) -> None:
-    from optiscope.probes import layout, measure
+    from optiscope.kernels import rows as layout
+    from optiscope.probes import measure
 
     options = momentum_options(config)
     gen = torch.Generator().manual_seed(6)

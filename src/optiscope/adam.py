@@ -13,7 +13,7 @@ from ._moments import bias_correction as _bias_correction
 from ._moments import ema_
 from ._optimizer import OptiscopeOptimizer, ParamsT
 from ._precision import compute_view
-from .probes import layout
+from .kernels import rows as layout
 
 
 def adam_step(

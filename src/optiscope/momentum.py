@@ -11,7 +11,7 @@ from . import _checks, kernels
 from ._moments import ema_
 from ._optimizer import OptiscopeOptimizer, ParamsT
 from ._precision import compute_view
-from .probes import layout
+from .kernels import rows as layout
 
 
 def momentum_step(

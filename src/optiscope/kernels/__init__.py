@@ -167,7 +167,7 @@ def _fold(
 ) -> None:
     """Reduce per-chunk partial rows per tensor, in chunk order, into ``stats[rows]``:
     sums add, ``step_min``/``step_max`` combine (NaN wins, as in torch)."""
-    from ..probes import layout
+    from . import rows as layout
     from . import cpu
 
     extrema = partials.shape[1] == len(layout.ADAM)
@@ -243,7 +243,7 @@ def _adam_cpu(
     maximize,
     bias_correction,
 ):
-    from ..probes import layout
+    from . import rows as layout
     from . import cpu
 
     for (p_dtype, g_dtype, s_dtype), idx in _groups(params, grads, exp_avgs).items():
@@ -365,7 +365,8 @@ def momentum_(
     update; the per-tensor torch fallback computes the rows from before/after
     copies, in extra passes.
     """
-    from ..probes import layout, measure
+    from . import rows as layout
+    from ..probes import measure
 
     _check_stats(stats, len(params), layout.MOMENTUM)
     options = dict(
@@ -432,7 +433,8 @@ def adam_(
     the same pass as the update (the CUDA histogram from its sample, read after);
     the per-tensor torch fallback from before/after copies, in extra passes.
     """
-    from ..probes import layout, measure
+    from . import rows as layout
+    from ..probes import measure
 
     _check_stats(stats, len(params), layout.ADAM)
     options = dict(

@@ -35,7 +35,7 @@ from numba.extending import intrinsic, overload
 
 # numba freezes these constants into the cached kernels, and its cache is keyed on
 # this file's timestamp: a change to them in layout.py needs this file touched.
-from ..probes.layout import ADAM, HIST_BINS, HIST_MIN_EXP, HIST_START
+from .rows import ADAM, HIST_BINS, HIST_MIN_EXP, HIST_START
 
 #: Elements per unit of parallel work: large enough to amortise scheduling,
 #: small enough that 2 threads balance on a few tensors. A multiple of 4

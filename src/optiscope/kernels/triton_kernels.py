@@ -443,7 +443,8 @@ def _adam_row(
 ) -> torch.Tensor:
     """One tensor's ``probes.layout.ADAM`` row, on the device, from its programs'
     rows and the histogram's sample of ``v_used``."""
-    from ..probes import layout, measure
+    from . import rows as layout
+    from ..probes import measure
 
     numel = v_used.numel()
     sums = stats[:, :5].sum(0)  # Σg², Σ(Δθ)², Σθ², non-finite, ε-dominated

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import layout, measure
+from . import measure
+from ..kernels import rows as layout
 from .sinks import CallbackSink, CSVSink, History, JSONLSink, Sink, TensorBoardSink
 
 __all__ = [

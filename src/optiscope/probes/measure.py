@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import layout
+from ..kernels import rows as layout
 
 RUNNING_DECAY = 0.99
 

@@ -1,0 +1,66 @@
+"""The named records a fused step travels in, from the dispatcher to a backend.
+
+Hyperparameters are Python floats and bools, exactly as the param group holds
+them; each backend rounds them to its compute dtype itself. Tensor lists are
+rows: ``params[i]``, ``grads[i]`` and the states at ``i`` belong together.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class MomentumHyper(NamedTuple):
+    """The options of :func:`optiscope.rules.momentum_step`."""
+
+    lr: float
+    momentum: float
+    weight_decay: float
+    maximize: bool
+
+
+class AdamHyper(NamedTuple):
+    """The options of :func:`optiscope.rules.adam_step`, without the step count."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    decoupled_weight_decay: bool
+    amsgrad: bool
+    maximize: bool
+    bias_correction: bool
+
+
+class BiasCorrection(NamedTuple):
+    r""":math:`c_1 = 1-\beta_1^t` and :math:`c_2 = 1-\beta_2^t` of one tensor, in float64
+    (both 1 without bias correction); made by :func:`optiscope.rules.bias_corrections`."""
+
+    c1: float
+    c2: float
+
+
+class MomentumBatch(NamedTuple):
+    """The tensors of one fused momentum step, one row per parameter."""
+
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    buffers: list[torch.Tensor]
+
+
+class AdamBatch(NamedTuple):
+    """The tensors of one fused Adam step, one row per parameter.
+
+    ``max_exp_avg_sqs`` is None unless amsgrad; ``corrections[i]`` belongs to
+    row ``i`` (its step count has already been advanced).
+    """
+
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    exp_avgs: list[torch.Tensor]
+    exp_avg_sqs: list[torch.Tensor]
+    max_exp_avg_sqs: list[torch.Tensor] | None
+    corrections: list[BiasCorrection]
