@@ -115,6 +115,37 @@ CONFIGS = [
 ]
 
 
+def config(name: str) -> Config:
+    """The row called ``name``: tests pick rows by name, never by position."""
+    for row in CONFIGS:
+        if row.name == name:
+            return row
+    raise KeyError(f"no config named {name!r}; have {[c.name for c in CONFIGS]}")
+
+
+ADAM_CONFIGS = [c for c in CONFIGS if c.cls is not optiscope.Momentum]
+MOMENTUM_CONFIGS = [c for c in CONFIGS if c.cls is optiscope.Momentum]
+
+#: Every parameter dtype optiscope updates, widest first.
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+#: The dtypes that compute in float32 (and round once on store).
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def randn(
+    shape: tuple[int, ...] | torch.Size,
+    *,
+    dtype: torch.dtype = torch.float32,
+    generator: torch.Generator | None = None,
+    scale: float = 1.0,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """The one tensor factory of the suite: float64 normal draws, scaled, then
+    cast, so every dtype sees the same values rounded once."""
+    t = torch.randn(tuple(shape), generator=generator, dtype=torch.float64) * scale
+    return t.to(device=device, dtype=dtype)
+
+
 def adam_options(config: Config) -> dict[str, Any]:
     """The keyword arguments of ``adam_step``/``kernels.adam_`` for an Adam row."""
     o = config.options
