@@ -2,13 +2,14 @@
 
 from . import functional as functional
 from . import reference as reference
+from . import rules as rules
 from .adam import Adam as Adam
 from .adam import AdamW as AdamW
-from .adam import adam_step as adam_step
 from .dropout import Dropout as Dropout
 from .momentum import Momentum as Momentum
-from .momentum import momentum_step as momentum_step
 from .probes import probe as probe
+from .rules import adam_step as adam_step
+from .rules import momentum_step as momentum_step
 
 __version__ = "0.1.0"
 
@@ -22,4 +23,5 @@ __all__ = [
     "momentum_step",
     "probe",
     "reference",
+    "rules",
 ]

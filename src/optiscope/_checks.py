@@ -61,9 +61,6 @@ def betas(value: object) -> tuple[float, float]:
     )
 
 
-FLOATING_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-
-
 def floating_tensor(name: str, value: object) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")

@@ -1,23 +1,28 @@
 """What every optiscope optimizer shares with ``torch.optim.Optimizer``.
 
-Subclasses say three things: how to check a param group's options
-(``_check_group``), which state a parameter needs (``_init_state``) and how to
-update one group (``_update_group``). The torch contract (param groups,
-closures, hooks, ``state_dict``) comes from ``torch.optim.Optimizer`` itself.
+A subclass says four things: how to check a param group's options
+(``_check_group``), which state a parameter still lacks (``_new_state``), how
+to check one group's tensors (``_check_tensors``) and how to update them
+(``_update``). The torch contract (param groups, closures, hooks,
+``state_dict``) comes from ``torch.optim.Optimizer`` itself.
+
+A step is atomic: every group is checked (options, gradients, state, every
+tensor through the kernels' gate) before any counter, state or parameter
+changes, so a refused step leaves the optimizer and the model bit-identical.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from . import _checks
-
-if TYPE_CHECKING:
-    from .probes import OptimizerProbe
+from . import _checks, rules
+from .probes import OptimizerProbe
+from .probes import probe as attach_probe
 
 ParamsT = (
     Iterable[torch.Tensor]
@@ -26,13 +31,26 @@ ParamsT = (
 )
 
 
+@dataclass
+class GroupWork:
+    """One group's checked step: its options, the parameters with a gradient,
+    their state (with entries still to be added) and their names."""
+
+    index: int
+    group: dict[str, Any]
+    options: dict[str, Any]
+    params: list[torch.Tensor]
+    states: list[dict[str, Any]]
+    labels: list[str]
+
+
 class OptiscopeOptimizer(torch.optim.Optimizer):
     """Base class: validation before mutation, lazy state, closure handling."""
 
     #: Suggested replacement named in the error for sparse gradients.
     _sparse_alternative = "torch.optim.SparseAdam"
 
-    #: Which per-tensor sums a probed step fills (see :mod:`optiscope.probes.layout`).
+    #: Which per-tensor sums a probed step fills (see :mod:`optiscope.kernels.rows`).
     _probe_layout: tuple[str, ...]
 
     def __init__(
@@ -42,9 +60,7 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
         self._probe: OptimizerProbe | None = None
         super().__init__(params, defaults)
         if _checks.flag("probe", probe):
-            from .probes import probe as attach
-
-            attach(self)
+            attach_probe(self)
 
     @property
     def probes(self) -> dict[str, Any] | None:
@@ -56,20 +72,28 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
         """Validate and normalise one group's options; raise on bad input."""
         raise NotImplementedError
 
-    def _init_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    def _new_state(
+        self, param: torch.Tensor, options: dict[str, Any], state: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The entries ``state`` lacks for a step with ``options`` (all of them
+        for a parameter's first step)."""
         raise NotImplementedError
 
-    def _update_group(
-        self,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        stats: np.ndarray | None,
-    ) -> list[tuple[float, float]] | None:
-        """Update ``params``; with ``stats``, also fill one probe row per tensor.
+    def _check_tensors(self, work: GroupWork) -> None:
+        """Raise what :meth:`_update` would raise for these tensors."""
+        raise NotImplementedError
 
-        Returns what a probe needs beyond the rows (Adam: each tensor's bias
-        corrections), or None.
-        """
+    def _update(self, work: GroupWork, stats: np.ndarray | None) -> None:
+        """Update the group; with ``stats``, also fill one probe row per tensor."""
+        raise NotImplementedError
+
+    def _after_load(self, state_dict: dict[str, Any]) -> None:
+        """Adjust the state torch loaded, before it is checked."""
+
+    def _load_state_check(
+        self, param: torch.Tensor, group: dict[str, Any], state: dict[str, Any]
+    ) -> None:
+        """Raise if a loaded ``state`` cannot belong to ``param``."""
         raise NotImplementedError
 
     # -- torch.optim.Optimizer contract -----------------------------------------
@@ -83,9 +107,42 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        # torch adds "differentiable" to the defaults; it is not an option of ours
+        # and must not appear in the groups (state_dict round trips stay equal).
+        own = [k for k in self.defaults if k != "differentiable"]
         for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+            for key in own:
+                group.setdefault(key, self.defaults[key])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, checked at load time.
+
+        Every state tensor must have its parameter's shape and a floating dtype;
+        ``step`` may be a tensor or a Python number (as torch's optimizers
+        accept) and is stored as a float32 tensor. A mismatch raises, naming
+        the parameter, and leaves the optimizer as it was.
+        """
+        before = (self.state, self.param_groups)
+        super().load_state_dict(state_dict)
+        try:
+            self._after_load(state_dict)
+            for index, group in enumerate(self.param_groups):
+                labels = _labels(group, index)
+                for position, param in enumerate(group["params"]):
+                    state = self.state.get(param)
+                    if not state:
+                        continue
+                    try:
+                        _normalise_step(state)
+                        self._load_state_check(param, group, state)
+                    except (TypeError, ValueError) as error:
+                        raise type(error)(
+                            f"state of parameter {labels[position]!r} in the loaded "
+                            f"state_dict: {error}"
+                        ) from None
+        except BaseException:
+            self.state, self.param_groups = before
+            raise
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -98,25 +155,64 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Validate every group first: a refused step must not half-update the model.
-        for group in self.param_groups:
-            self._check_group(dict(group))
-        work = [(g, self._params_with_grad(g)) for g in self.param_groups]
+        if self._probe is not None:
+            self._probed_step()
+            return loss
+        for work in self._plan():
+            self._update(work, None)
+        return loss
+
+    @torch.compiler.disable
+    def _probed_step(self) -> None:
+        # Outside torch.compile: the probe's bookkeeping is Python state that
+        # a compiled graph would guard on and recompile for at every step.
         probe = self._probe
-        measuring = probe is not None and probe.wants_this_step()
-        for index, (group, params) in enumerate(work):
-            if not params:
-                continue
-            for p in params:
-                if not self.state[p]:
-                    self.state[p].update(self._init_state(p, group))
-            rows = probe.new_rows(len(params)) if measuring else None
-            extra = self._update_group(group, params, rows)
+        works = self._plan()
+        measuring = probe.wants_this_step()
+        for work in works:
+            rows = probe.new_rows(len(work.params)) if measuring else None
+            self._update(work, rows)
             if measuring:
-                probe.add_group(index, group, params, rows, extra)
+                probe.add_group(
+                    work.index, work.group, work.params, rows, self._corrections(work)
+                )
         if measuring:
             probe.finish_step()
-        return loss
+
+    def _corrections(self, work: GroupWork) -> list[tuple[float, float]] | None:
+        """Each tensor's bias corrections after the step (Adam's probes)."""
+        return None
+
+    def _plan(self) -> list[GroupWork]:
+        """Check every group; then add the state the step needs. Raises before
+        anything is modified."""
+        works = []
+        for index, group in enumerate(self.param_groups):
+            options = self._check_group(dict(group))
+            params = self._params_with_grad(group)
+            if not params:
+                continue
+            names = _labels(group, index)
+            position = {id(p): i for i, p in enumerate(group["params"])}
+            states = []
+            for p in params:
+                state = self.state.get(p, {})
+                states.append({**state, **self._new_state(p, options, state)})
+            work = GroupWork(
+                index,
+                group,
+                options,
+                params,
+                states,
+                [names[position[id(p)]] for p in params],
+            )
+            self._check_tensors(work)
+            works.append(work)
+        for work in works:  # every check passed: the new state is kept
+            for p, state in zip(work.params, work.states, strict=True):
+                self.state[p].update(state)
+            work.states = [self.state[p] for p in work.params]
+        return works
 
     def _params_with_grad(self, group: dict[str, Any]) -> list[torch.Tensor]:
         params = []
@@ -128,10 +224,61 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
                     f"{type(self).__name__} does not support sparse gradients; "
                     f"use {self._sparse_alternative} for sparse parameters"
                 )
-            if p.dtype not in _checks.FLOATING_DTYPES:
+            if p.dtype not in rules.SUPPORTED_DTYPES:
                 raise TypeError(
                     f"{type(self).__name__} updates float64, float32, bfloat16 and "
                     f"float16 parameters, got a parameter of dtype {p.dtype}"
                 )
             params.append(p)
         return params
+
+
+def _labels(group: dict[str, Any], index: int) -> list[str]:
+    """The parameters' names where the user gave them, else ``group{i}.param{j}``."""
+    names = group.get("param_names")
+    if names:
+        return list(names)
+    return [f"group{index}.param{j}" for j in range(len(group["params"]))]
+
+
+def _normalise_step(state: dict[str, Any]) -> None:
+    """A ``step`` saved as a Python number becomes torch's float32 tensor."""
+    if "step" not in state:
+        return
+    step = state["step"]
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.is_complex():
+            raise ValueError(f"step must hold one real number, got {step!r}")
+        value = step.item()
+    elif isinstance(step, (int, float)) and not isinstance(step, bool):
+        value = step
+    else:
+        raise TypeError(f"step must be a number or a tensor, got {step!r}")
+    if not (value >= 0 and float(value).is_integer()):
+        raise ValueError(f"step must be a whole number >= 0, got {value!r}")
+    if not isinstance(step, torch.Tensor):
+        state["step"] = torch.tensor(float(value), dtype=torch.float32)
+
+
+def check_state_tensor(
+    name: str, value: object, param: torch.Tensor, dtypes: Iterable[torch.dtype]
+) -> None:
+    """A loaded state tensor: a tensor with ``param``'s shape and device and one of
+    ``dtypes``."""
+    dtypes = tuple(dtypes)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
+    if value.shape != param.shape:
+        raise ValueError(
+            f"{name} has shape {tuple(value.shape)}, but the parameter has shape "
+            f"{tuple(param.shape)} (a checkpoint of another model?)"
+        )
+    if value.dtype not in dtypes:
+        raise TypeError(
+            f"{name} has dtype {value.dtype}; expected "
+            f"{' or '.join(str(d) for d in dtypes)}"
+        )
+    if value.device != param.device:
+        raise ValueError(
+            f"{name} is on {value.device}, but the parameter is on {param.device}"
+        )

@@ -30,6 +30,10 @@ class Dropout(nn.Module):
         True
     """
 
+    #: How :func:`optiscope.probe` recognises a layer it can probe, without
+    #: importing this class (probes sit below the layers in the package).
+    probe_kind = "dropout"
+
     def __init__(
         self, p: float = 0.5, *, generator: torch.Generator | None = None
     ) -> None:

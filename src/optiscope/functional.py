@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks
-from ._dropout_op import draw_seed, philox_dropout
+from . import kernels
 
 
 def dropout(
@@ -45,6 +45,14 @@ def dropout(
     return _dropout(input, p, training, generator)[0]
 
 
+def draw_seed(generator: torch.Generator | None) -> int:
+    """A seed in ``[0, 2^63 - 1)`` from ``generator`` (or torch's default one), so
+    ``torch.manual_seed`` and ``generator=`` make the mask reproducible."""
+    device = generator.device if generator is not None else "cpu"
+    high = 2**63 - 1
+    return int(torch.randint(high, (), generator=generator, device=device).item())
+
+
 def _dropout(
     input: torch.Tensor, p: float, training: bool, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, int | None]:
@@ -60,4 +68,4 @@ def _dropout(
         )
         return zeros, None
     seed = draw_seed(generator)
-    return philox_dropout(input, p, seed, 0), seed
+    return kernels.dropout_forward(input, p, seed, 0), seed

@@ -8,42 +8,8 @@ import numpy as np
 import torch
 
 from . import _checks, kernels
-from ._moments import ema_
-from ._optimizer import OptiscopeOptimizer, ParamsT
-from ._precision import compute_view
+from ._optimizer import GroupWork, OptiscopeOptimizer, ParamsT, check_state_tensor
 from .kernels import rows as layout
-
-
-def momentum_step(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    momentum_buffer: torch.Tensor,
-    *,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    maximize: bool,
-) -> None:
-    r"""One momentum step for one tensor, in place on ``param`` and ``momentum_buffer``.
-
-    .. math::
-
-        g &\leftarrow \pm\nabla_\theta J + \lambda\theta
-            \quad(\text{minus when maximizing; } \lambda = \text{weight\_decay}) \\
-        m &\leftarrow \beta m + (1-\beta) g \\
-        \theta &\leftarrow \theta - \alpha m
-
-    ``momentum_buffer`` is the seed's :math:`m`. ``grad`` is read, never written.
-    Low-precision tensors are updated in float32 and rounded once at the end.
-    """
-    with compute_view(param, momentum_buffer) as (theta, m):
-        g = grad.to(theta.dtype)
-        if maximize:
-            g = -g
-        if weight_decay != 0.0:
-            g = g.add(theta, alpha=weight_decay)
-        ema_(m, g, momentum)
-        theta.add_(m, alpha=-lr)
 
 
 class Momentum(OptiscopeOptimizer):
@@ -111,28 +77,42 @@ class Momentum(OptiscopeOptimizer):
         group["maximize"] = _checks.flag("maximize", group["maximize"])
         return group
 
-    def _init_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "momentum_buffer": torch.zeros_like(
-                param, memory_format=torch.preserve_format
-            )
-        }
+    def _new_state(
+        self, param: torch.Tensor, options: dict[str, Any], state: dict[str, Any]
+    ) -> dict[str, Any]:
+        if "momentum_buffer" in state:
+            return {}
+        buffer = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return {"momentum_buffer": buffer}
 
-    def _update_group(
-        self,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        stats: np.ndarray | None,
+    def _load_state_check(
+        self, param: torch.Tensor, group: dict[str, Any], state: dict[str, Any]
     ) -> None:
-        # One fused pass over every tensor of the group; momentum_step is the
-        # per-tensor statement of the same rule (and the kernels' fallback).
+        if "momentum_buffer" not in state:
+            raise ValueError("lacks momentum_buffer")
+        check_state_tensor(
+            "momentum_buffer", state["momentum_buffer"], param, (param.dtype,)
+        )
+
+    def _columns(self, work: GroupWork) -> tuple:
+        return (
+            work.params,
+            [p.grad for p in work.params],
+            [s["momentum_buffer"] for s in work.states],
+        )
+
+    def _check_tensors(self, work: GroupWork) -> None:
+        kernels.check_momentum(*self._columns(work), labels=work.labels)
+
+    def _update(self, work: GroupWork, stats: np.ndarray | None) -> None:
+        o = work.options
+        # One fused pass over every tensor of the group; rules.momentum_step is
+        # the per-tensor statement of the same rule.
         kernels.momentum_(
-            params,
-            [p.grad for p in params],
-            [self.state[p]["momentum_buffer"] for p in params],
-            lr=group["lr"],
-            momentum=group["momentum"],
-            weight_decay=group["weight_decay"],
-            maximize=group["maximize"],
+            *self._columns(work),
+            lr=o["lr"],
+            momentum=o["momentum"],
+            weight_decay=o["weight_decay"],
+            maximize=o["maximize"],
             stats=stats,
         )

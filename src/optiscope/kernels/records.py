@@ -11,6 +11,16 @@ from typing import NamedTuple
 
 import torch
 
+from ..rules import BiasCorrection
+
+__all__ = [
+    "AdamBatch",
+    "AdamHyper",
+    "BiasCorrection",
+    "MomentumBatch",
+    "MomentumHyper",
+]
+
 
 class MomentumHyper(NamedTuple):
     """The options of :func:`optiscope.rules.momentum_step`."""
@@ -33,14 +43,6 @@ class AdamHyper(NamedTuple):
     amsgrad: bool
     maximize: bool
     bias_correction: bool
-
-
-class BiasCorrection(NamedTuple):
-    r""":math:`c_1 = 1-\beta_1^t` and :math:`c_2 = 1-\beta_2^t` of one tensor, in float64
-    (both 1 without bias correction); made by :func:`optiscope.rules.bias_corrections`."""
-
-    c1: float
-    c2: float
 
 
 class MomentumBatch(NamedTuple):

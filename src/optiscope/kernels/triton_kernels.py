@@ -7,7 +7,7 @@ element once and writes it once; the arithmetic is the same as
 
 * bfloat16 and float16 tensors are computed in float32 and rounded once on
   store; the compute dtype is the widest of the parameter and its states
-  (float64 if any of them is float64), as in :mod:`optiscope._precision`;
+  (float64 if any of them is float64), as in :func:`optiscope.rules.compute_dtype`;
 * float32 square roots and divisions are the IEEE-rounded ones
   (``sqrt_rn``, ``div_rn``), not the approximate instructions;
 * host scalars travel as float64 and are rounded to the compute dtype inside

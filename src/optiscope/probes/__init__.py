@@ -253,8 +253,6 @@ def probe(
     ``every=k`` measures one step in ``k`` and leaves the others untouched.
     Returns the probe (or, for a module, one probe per Dropout layer).
     """
-    from ..dropout import Dropout
-
     sinks = list(sinks)
     if isinstance(target, torch.optim.Optimizer):
         if not hasattr(target, "_probe_layout"):
@@ -267,7 +265,7 @@ def probe(
     if isinstance(target, nn.Module):
         probes = []
         for name, module in target.named_modules():
-            if isinstance(module, Dropout):
+            if getattr(module, "probe_kind", None) == "dropout":
                 module._probe = DropoutProbe(name or "dropout", sinks, every)
                 probes.append(module._probe)
         if not probes:
@@ -282,12 +280,8 @@ def probe(
 
 def remove(target: torch.optim.Optimizer | nn.Module) -> None:
     """Turn probes off again (closing their sinks); a no-op where none is attached."""
-    from ..dropout import Dropout
-
     modules = target.modules() if isinstance(target, nn.Module) else [target]
     for obj in modules:
-        if isinstance(obj, (Dropout, torch.optim.Optimizer)) and getattr(
-            obj, "_probe", None
-        ):
+        if getattr(obj, "_probe", None) is not None:
             obj._probe.close()
             obj._probe = None

@@ -28,7 +28,6 @@ import math
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..kernels import rows as layout
 
@@ -121,83 +120,3 @@ def merge_rows(rows: np.ndarray, layout_: tuple[str, ...]) -> np.ndarray:
         merged[layout_.index("step_min")] = rows[:, layout_.index("step_min")].min()
         merged[layout_.index("step_max")] = rows[:, layout_.index("step_max")].max()
     return merged
-
-
-# -- the reference: the same sums with plain torch ops, in separate passes ---------------
-
-
-def _f64(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(torch.float64)
-
-
-def torch_common(
-    before: torch.Tensor, after: torch.Tensor, grad: torch.Tensor
-) -> list[float]:
-    g, update = _f64(grad), _f64(after) - _f64(before)
-    return [
-        float(g.numel()),
-        float((g * g).sum()),
-        float((update * update).sum()),
-        float((_f64(after) ** 2).sum()),
-        float((~torch.isfinite(g)).sum()),
-    ]
-
-
-def torch_momentum_row(
-    before: torch.Tensor,
-    after: torch.Tensor,
-    grad: torch.Tensor,
-    m_prev: torch.Tensor,
-    m_new: torch.Tensor,
-    *,
-    maximize: bool,
-    weight_decay: float,
-) -> np.ndarray:
-    """The momentum row from snapshots; ``g`` is the gradient the EMA averaged
-    (with no decay term at all when ``weight_decay`` is 0, as in the step: an
-    infinite θ must not make it 0·inf = NaN)."""
-    g = _f64(grad) * (-1.0 if maximize else 1.0)
-    if weight_decay != 0.0:
-        g = g + weight_decay * _f64(before)
-    return np.array(
-        [
-            *torch_common(before, after, grad),
-            float((g * _f64(m_prev)).sum()),
-            float((_f64(m_new) ** 2).sum()),
-        ]
-    )
-
-
-def torch_adam_row(
-    before: torch.Tensor,
-    after: torch.Tensor,
-    grad: torch.Tensor,
-    v_used: torch.Tensor,
-    *,
-    lr: float,
-    eps: float,
-    correction2: float,
-) -> np.ndarray:
-    """The Adam row from snapshots; ``v_used`` is v (or its running max) after the
-    step. The histogram bins every ``layout.hist_stride(numel)``-th step only."""
-    root = torch.sqrt(_f64(v_used) / correction2)
-    step = (lr / (root + eps)).reshape(-1)
-    sample = step[:: layout.hist_stride(step.numel())]
-    counts = torch.bincount(octave_bins(sample), minlength=layout.HIST_BINS).double()
-    return np.array(
-        [
-            *torch_common(before, after, grad),
-            float((root < eps).sum()),
-            float(step.min()) if step.numel() else math.inf,
-            float(step.max()) if step.numel() else -math.inf,
-            *counts.tolist(),
-        ]
-    )
-
-
-def octave_bins(values: torch.Tensor) -> torch.Tensor:
-    """:func:`layout.octave_bin` for a whole tensor, through ``torch.frexp``."""
-    exponent = torch.frexp(values).exponent.long()
-    bins = (exponent - layout.HIST_MIN_EXP).clamp(0, layout.HIST_BINS - 1)
-    bins = torch.where(values > 0, bins, 0)
-    return torch.where(torch.isinf(values), layout.HIST_BINS - 1, bins)

@@ -1,0 +1,270 @@
+"""Behind the operators: the gate, one contiguity rule, then a backend per device.
+
+Every fused call goes through the same four stages:
+
+1. :func:`~optiscope.kernels.gate.check_rows` checks every tensor; nothing has
+   been modified if it raises;
+2. Adam's step counters advance and their bias corrections are computed, once
+   per distinct step count, by :func:`optiscope.rules.bias_corrections`;
+3. rows are made flat: a row whose tensors are all dense with the parameter's
+   strides (contiguous, ``channels_last`` or any other order) is passed as flat
+   views of its memory, since the rules are elementwise; any other row is copied
+   to contiguous tensors and the written ones are copied back afterwards;
+4. each device's rows go to its backend (:mod:`.cpu`, ``triton_kernels`` for
+   CUDA, :mod:`.torch_rule` for anything else), each with fresh probe rows that
+   are then folded into the caller's.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from types import ModuleType
+
+import numpy as np
+import torch
+
+from .. import rules
+from . import rows, torch_rule
+from .gate import Column, check_rows, is_plain
+from .records import AdamBatch, AdamHyper, MomentumBatch, MomentumHyper
+
+_warned: set[tuple[str, torch.dtype]] = set()
+
+
+def momentum(
+    batch: MomentumBatch,
+    hyper: MomentumHyper,
+    stats: torch.Tensor | None,
+    labels: Sequence[str] | None = None,
+) -> None:
+    """:func:`optiscope.rules.momentum_step` on every row of ``batch``, fused."""
+    columns = momentum_columns(batch)
+    check_rows(columns, labels=labels)
+    table = _stats_table(stats, len(batch.params), rows.MOMENTUM)
+    _run(
+        columns,
+        table,
+        rows.MOMENTUM,
+        lambda backend, tensors, part: backend.momentum_(
+            MomentumBatch(*tensors), hyper, part
+        ),
+    )
+
+
+def adam(
+    batch: AdamBatch,
+    hyper: AdamHyper,
+    steps: Sequence[torch.Tensor],
+    stats: torch.Tensor | None,
+    labels: Sequence[str] | None = None,
+) -> None:
+    """:func:`optiscope.rules.adam_step` on every row of ``batch``, fused; each
+    ``steps[i]`` (a one-element tensor) is advanced by one first.
+    ``batch.corrections`` is ignored: they are computed here from ``steps``."""
+    columns = adam_columns(batch, hyper.amsgrad)
+    check_rows(columns, labels=labels)
+    check_steps(steps, len(batch.params), labels)
+    table = _stats_table(stats, len(batch.params), rows.ADAM)
+    corrections = advance(steps, hyper)
+
+    def call(backend: ModuleType, tensors: list[list[torch.Tensor]], part, picked):
+        m_max = tensors[4] if hyper.amsgrad else None
+        sub = AdamBatch(*tensors[:4], m_max, [corrections[i] for i in picked])
+        backend.adam_(sub, hyper, part)
+
+    _run(columns, table, rows.ADAM, call, pass_rows=True)
+
+
+def momentum_columns(batch: MomentumBatch) -> list[Column]:
+    return [
+        Column("param", batch.params, written=True),
+        Column("grad", batch.grads, written=False),
+        Column("momentum_buffer", batch.buffers, written=True),
+    ]
+
+
+def adam_columns(batch: AdamBatch, amsgrad: bool) -> list[Column]:
+    columns = [
+        Column("param", batch.params, written=True),
+        Column("grad", batch.grads, written=False),
+        Column("exp_avg", batch.exp_avgs, written=True),
+        Column("exp_avg_sq", batch.exp_avg_sqs, written=True),
+    ]
+    if amsgrad:
+        if batch.max_exp_avg_sqs is None:
+            raise ValueError("amsgrad needs max_exp_avg_sqs, got None")
+        columns.append(Column("max_exp_avg_sq", batch.max_exp_avg_sqs, written=True))
+    return columns
+
+
+def check_steps(
+    steps: Sequence[torch.Tensor], count: int, labels: Sequence[str] | None
+) -> None:
+    """Each step counter is a one-element real tensor holding a whole number >= 0."""
+    if len(steps) != count:
+        raise ValueError(f"steps has {len(steps)} counters for {count} parameters")
+    for row, t in enumerate(steps):
+        name = repr(labels[row]) if labels is not None else f"params[{row}]"
+        if not isinstance(t, torch.Tensor) or t.numel() != 1 or t.is_complex():
+            raise TypeError(
+                f"step of parameter {name} must be a one-element real tensor, got {t!r}"
+            )
+
+
+def advance(
+    steps: Sequence[torch.Tensor], hyper: AdamHyper
+) -> list[rules.BiasCorrection]:
+    """Add one to every counter; return each row's bias corrections."""
+    if not steps:
+        return []
+    torch._foreach_add_(list(steps), 1)
+    counts = torch.stack([t.reshape(()).to("cpu", torch.float64) for t in steps])
+    corrections = functools.cache(
+        lambda t: rules.bias_corrections(
+            hyper.beta1, hyper.beta2, t, hyper.bias_correction
+        )
+    )
+    return [corrections(int(t)) for t in counts.tolist()]
+
+
+def _stats_table(
+    stats: torch.Tensor | None, count: int, layout: tuple[str, ...]
+) -> np.ndarray | None:
+    if stats is None:
+        return None
+    if not (
+        type(stats) is torch.Tensor
+        and stats.device.type == "cpu"
+        and stats.dtype == torch.float64
+        and stats.shape == (count, len(layout))
+        and stats.is_contiguous()
+    ):
+        raise ValueError(
+            f"stats must be a contiguous float64 CPU tensor of shape ({count}, "
+            f"{len(layout)}), got {getattr(stats, 'dtype', type(stats))} "
+            f"{tuple(getattr(stats, 'shape', ()))}"
+        )
+    return stats.numpy()
+
+
+def fresh_rows(count: int, layout: tuple[str, ...]) -> np.ndarray:
+    """Rows before any value: zeros, and an empty range for Adam's extrema."""
+    table = np.zeros((count, len(layout)))
+    if "step_min" in layout:
+        table[:, layout.index("step_min")] = np.inf
+        table[:, layout.index("step_max")] = -np.inf
+    return table
+
+
+def _flat(row: list[torch.Tensor]) -> list[tuple[torch.Tensor, bool]]:
+    """Each tensor of the row as a 1-D tensor in memory order, and whether it is a
+    copy. Tensors dense with one common order (contiguous or not) are viewed in
+    place; otherwise each non-contiguous one is copied to contiguous memory."""
+    if all(t.is_contiguous() for t in row):
+        return [(t.view(-1), False) for t in row]
+    strides = row[0].stride()
+    if all(t.stride() == strides and t.is_non_overlapping_and_dense() for t in row):
+        return [(t.as_strided((t.numel(),), (1,)), False) for t in row]
+    return [
+        (t.view(-1), False) if t.is_contiguous() else (t.contiguous().view(-1), True)
+        for t in row
+    ]
+
+
+def _run(
+    columns: list[Column],
+    table: np.ndarray | None,
+    layout: tuple[str, ...],
+    call: Callable,
+    pass_rows: bool = False,
+) -> None:
+    by_backend: dict[ModuleType, list[int]] = defaultdict(list)
+    params = columns[0].tensors
+    for i, p in enumerate(params):
+        if p.numel() > 0:
+            by_backend[_backend(p)].append(i)
+    for backend, picked in by_backend.items():
+        flat = [_flat([c.tensors[i] for c in columns]) for i in picked]
+        tensors = [[row[k][0] for row in flat] for k in range(len(columns))]
+        part = None if table is None else fresh_rows(len(picked), layout)
+        if pass_rows:
+            call(backend, tensors, part, picked)
+        else:
+            call(backend, tensors, part)
+        for i, row in zip(picked, flat, strict=True):
+            for column, (view, is_copy) in zip(columns, row, strict=True):
+                if is_copy and column.written:
+                    column.tensors[i].copy_(view.view(column.tensors[i].shape))
+        if part is not None:
+            for j, i in enumerate(picked):
+                torch_rule.combine_row(table[i], part[j], layout)
+
+
+def _backend(t: torch.Tensor) -> ModuleType:
+    if t.device.type == "cpu":
+        # Imported on the first CPU step, not with optiscope: numba's import
+        # and cache load take about a second.
+        from . import cpu
+
+        return cpu
+    if t.device.type == "cuda":
+        triton = _triton()
+        if triton is not None:
+            return triton
+        _warn_once(t, "Triton is not installed")
+    else:
+        _warn_once(t, "no fused kernel for this device")
+    return torch_rule
+
+
+@functools.cache
+def _triton() -> ModuleType | None:
+    try:
+        from . import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels
+
+
+def _warn_once(t: torch.Tensor, why: str) -> None:
+    key = (t.device.type, t.dtype)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(
+            f"optiscope has no fused kernel for {t.dtype} on {t.device.type} "
+            f"({why}); using the per-tensor torch rule",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def dropout(
+    x: torch.Tensor, p: float, seed: int, offset: int, *, backward: bool = False
+) -> torch.Tensor:
+    """Inverted dropout with the Philox mask of ``(seed, offset)``, on ``x``'s device.
+
+    ``x`` (or the incoming gradient, with ``backward``) is read through a
+    contiguous copy where it is not contiguous; the output is contiguous.
+    """
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must be in (0, 1) for a dropout mask, got {p!r}")
+    if not 0 <= seed < 2**63 or not 0 <= offset < 2**63:
+        raise ValueError(
+            f"seed and offset must be in [0, 2**63), got seed={seed}, offset={offset}"
+        )
+    if not is_plain(x) or x.dtype not in rules.SUPPORTED_DTYPES:
+        raise TypeError(
+            f"dropout takes a plain dense tensor of dtype "
+            f"{', '.join(map(str, rules.SUPPORTED_DTYPES))}, got a "
+            f"{type(x).__name__} of dtype {x.dtype} and layout {x.layout}"
+        )
+    x = x.contiguous()
+    if x.numel() > 0 and x.data_ptr() == 0:
+        raise ValueError("dropout input has elements but no memory (address 0)")
+    backend = _backend(x)
+    if backward and backend is not torch_rule and hasattr(backend, "dropout_backward"):
+        return backend.dropout_backward(x, p, seed, offset)
+    return backend.dropout_forward(x, p, seed, offset)
