@@ -60,14 +60,14 @@ def adam_step(
 
     .. math::
         m &\leftarrow \beta_1 m + (1-\beta_1) g \\
-        v &\leftarrow \beta_2 v + (1-\beta_2)\, g \odot g \\
+        v &\leftarrow \beta_2 v + ((1-\beta_2)\, g) \odot g \\
         \theta &\leftarrow \theta - \alpha\, \hat m / (\sqrt{\hat v} + \epsilon)
 
     with :math:`\hat m = m/(1-\beta_1^t)`, :math:`\hat v = v/(1-\beta_2^t)` when
     ``bias_correction``, else :math:`\hat m = m`, :math:`\hat v = v`. With
     ``bias_correction=False, eps=0`` this is the seed's
     :math:`\theta \leftarrow \theta - \alpha\, m/\sqrt v`. A coordinate where
-    :math:`\sqrt{\hat v}+\epsilon = 0` takes no step.
+    :math:`\sqrt{\hat v}+\epsilon = 0` takes no step; a NaN gradient makes a NaN step.
 
     Returns the new ``(theta, m, v, v_max)``; ``v_max`` is None unless ``amsgrad``.
     """
@@ -77,15 +77,18 @@ def adam_step(
     else:
         g = g + weight_decay * theta
     m = beta1 * m + (1.0 - beta1) * g
-    v = beta2 * v + (1.0 - beta2) * g * g
+    v = beta2 * v + ((1.0 - beta2) * g) * g
     if amsgrad:
         v_max = np.maximum(v if v_max is None else v_max, v)
     v_used = v_max if amsgrad else v
     m_hat = m / (1.0 - beta1**t) if bias_correction else m
     v_hat = v_used / (1.0 - beta2**t) if bias_correction else v_used
     denom = np.sqrt(v_hat) + eps
-    safe = np.where(denom > 0.0, denom, 1.0)
-    step = np.where(denom > 0.0, m_hat / safe, 0.0)
+    # Zero step only where the denominator is exactly 0 (no signal yet); a NaN
+    # gradient gives a NaN step, as in torch.
+    nonzero = np.where(denom == 0.0, 1.0, denom)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf/inf is NaN, as in torch
+        step = np.where(denom == 0.0, 0.0, m_hat / nonzero)
     theta = theta - lr * step
     return theta, m, v, v_max if amsgrad else None
 
