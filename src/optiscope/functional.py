@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks
-from . import kernels
+from . import _checks, kernels
 
 
 def dropout(

@@ -26,6 +26,8 @@ import torch
 from ..rules import SUPPORTED_DTYPES
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+#: Devices whose tensors a kernel addresses; others (meta) go to the torch rule.
+_KERNEL_DEVICES = ("cpu", "cuda")
 
 
 class Column:
@@ -132,7 +134,7 @@ def _check_memory(columns: Sequence[Column], labels: Sequence[str] | None) -> No
     starts, stops, names = [], [], []
     for column in columns:
         for row, t in enumerate(column.tensors):
-            if t.numel() == 0:
+            if t.numel() == 0 or t.device.type not in _KERNEL_DEVICES:
                 continue
             address = t.data_ptr()
             where = f"{column.name} of parameter {_label(labels, row)}"

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import measure
 from ..kernels import rows as layout
+from . import measure
 from .sinks import CallbackSink, CSVSink, History, JSONLSink, Sink, TensorBoardSink
 
 __all__ = [
