@@ -166,12 +166,19 @@ def _flat(row: list[torch.Tensor]) -> list[tuple[torch.Tensor, bool]]:
     if all(t.is_contiguous() for t in row):
         return [(t.view(-1), False) for t in row]
     strides = row[0].stride()
-    if all(t.stride() == strides and t.is_non_overlapping_and_dense() for t in row):
+    if all(t.stride() == strides for t in row) and _dense(row[0]):
         return [(t.as_strided((t.numel(),), (1,)), False) for t in row]
     return [
         (t.view(-1), False) if t.is_contiguous() else (t.contiguous().view(-1), True)
         for t in row
     ]
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` covers a gap-free block of memory once: contiguous after its
+    dimensions are put in order of decreasing stride."""
+    order = sorted(range(t.dim()), key=lambda d: t.stride(d), reverse=True)
+    return t.permute(order).is_contiguous()
 
 
 def _run(
