@@ -20,6 +20,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 import optiscope
+from optiscope import rules
 from optiscope.functional import dropout
 
 from .data import Dataset
@@ -506,11 +507,12 @@ def claim_adam_small_v(ctx: Context) -> dict[str, Any]:
     nn.functional.cross_entropy(adam_net(data.x_train), data.y_train).backward()
     before = weight.detach().clone()
     m_next = beta1 * state["exp_avg"] + (1 - beta1) * weight.grad
-    v_next = beta2 * state["exp_avg_sq"] + (1 - beta2) * weight.grad**2
+    v_next = beta2 * state["exp_avg_sq"] + ((1 - beta2) * weight.grad) * weight.grad
     final_opt.step()
-    m_hat = m_next / (1 - beta1 ** (t + 1))
-    v_hat = (v_next / (1 - beta2 ** (t + 1))).double()
-    predicted = lr / (v_hat.sqrt() + eps)
+    c1, c2 = rules.bias_corrections(beta1, beta2, t + 1)
+    m_hat = m_next / c1
+    v_hat = (v_next / c2).double()
+    predicted = rules.effective_step(lr, v_hat, eps)
     usable = m_hat.abs() > 1e-6
     measured = ((before - weight.detach()).abs() / m_hat.abs()).double()
     deviation = ((measured[usable] / predicted[usable]) - 1).abs().median().item()
@@ -570,7 +572,7 @@ def claim_adam_small_v(ctx: Context) -> dict[str, Any]:
                 "series": [
                     _series(
                         "α/(√v̂+ε)",
-                        (lr / (v_points[order].sqrt() + eps)).tolist(),
+                        rules.effective_step(lr, v_points[order], eps).tolist(),
                         v_points[order].tolist(),
                     )
                 ],
