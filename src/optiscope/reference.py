@@ -32,8 +32,10 @@ def momentum_step(
     Returns the new ``(theta, m)``.
     """
     g = -g if maximize else g
-    g = g + weight_decay * theta  # L2 regularisation folded into the gradient
-    m = momentum * m + (1.0 - momentum) * g
+    if weight_decay != 0.0:  # L2 folded into the gradient (no 0·θ: θ may be inf)
+        g = g + weight_decay * theta
+    # With β = 0 the average is the gradient itself (no 0·m: m may be inf).
+    m = (1.0 - momentum) * g if momentum == 0.0 else momentum * m + (1.0 - momentum) * g
     theta = theta - lr * m
     return theta, m
 
@@ -74,7 +76,7 @@ def adam_step(
     g = -g if maximize else g
     if decoupled_weight_decay:
         theta = theta * (1.0 - lr * weight_decay)
-    else:
+    elif weight_decay != 0.0:
         g = g + weight_decay * theta
     m = beta1 * m + (1.0 - beta1) * g
     v = beta2 * v + ((1.0 - beta2) * g) * g

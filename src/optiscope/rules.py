@@ -96,7 +96,8 @@ def momentum_step(
 
     ``momentum_buffer`` is the seed's :math:`m`. ``grad`` is read, never written.
     The average is a multiply and an add, not a lerp: an infinite gradient then
-    gives an infinite :math:`m`, as in the equation and in torch's SGD.
+    gives an infinite :math:`m`, as in the equation and in torch's SGD; with
+    :math:`\beta = 0` it is :math:`g` itself.
     """
     dtype = compute_dtype(param.dtype, momentum_buffer.dtype)
     theta, m = param.to(dtype), momentum_buffer.to(dtype)
@@ -105,7 +106,9 @@ def momentum_step(
         g = -g
     if weight_decay != 0.0:
         g = g.add(theta, alpha=weight_decay)
-    m = m.mul(momentum).add_(g, alpha=1.0 - momentum)
+    # With β = 0 the average is the gradient itself: no 0·m, which is NaN
+    # where m is infinite (torch's SGD keeps no buffer then).
+    m = g.clone() if momentum == 0.0 else m.mul(momentum).add_(g, alpha=1.0 - momentum)
     theta = theta.add(m, alpha=-lr)
     momentum_buffer.copy_(m)
     param.copy_(theta)

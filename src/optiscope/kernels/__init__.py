@@ -20,12 +20,12 @@ takes an address.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from .. import _checks
 from . import dispatch, ops, philox, rows, torch_rule
 from .gate import check_rows, is_plain
 from .records import AdamBatch, AdamHyper, MomentumBatch, MomentumHyper
@@ -333,8 +333,7 @@ def count_kept(numel: int, p: float, seed: int, offset: int) -> int:
         >>> kept == int(philox.keep_mask(1000, 0.5, seed=7).sum())
         True
     """
-    if not 0.0 <= p <= 1.0 or math.isnan(p):
-        raise ValueError(f"count_kept needs 0 <= p <= 1, got {p!r}")
+    p = _checks.probability("p", p)
     if numel < 0:
         raise ValueError(f"count_kept needs numel >= 0, got {numel!r}")
     if p == 1.0 or numel == 0:

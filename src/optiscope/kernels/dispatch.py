@@ -26,7 +26,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from .. import rules
+from .. import _checks, rules
 from . import rows, torch_rule
 from .gate import Column, check_rows, is_plain
 from .records import AdamBatch, AdamHyper, MomentumBatch, MomentumHyper
@@ -256,7 +256,7 @@ def dropout(
     ``x`` (or the incoming gradient, with ``backward``) is read through a
     contiguous copy where it is not contiguous; the output is contiguous.
     """
-    if not 0.0 < p < 1.0:
+    if _checks.probability("p", p) in (0.0, 1.0):  # no mask to draw: no kernel
         raise ValueError(f"p must be in (0, 1) for a dropout mask, got {p!r}")
     if not 0 <= seed < 2**63 or not 0 <= offset < 2**63:
         raise ValueError(
