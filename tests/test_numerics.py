@@ -132,7 +132,7 @@ def test_an_eps_that_underflows_gives_a_zero_step_not_nan(backend, dtype) -> Non
     √v̂ + ε = 0 and, by the convention of every backend and the reference,
     takes no step."""
     options = dict(lr=0.1, eps=1e-50, bias_correction=False)
-    first, second = run(optiscope.Adam, options, [[0.0, 2.0], [0.0, 2.0]], dtype)
+    _, second = run(optiscope.Adam, options, [[0.0, 2.0], [0.0, 2.0]], dtype)
     assert second[0].item() == 1.0
     assert math.isfinite(second[1].item()) and second[1].item() < 1.0
     oracle = adam_reference([[0.0, 2.0], [0.0, 2.0]], lr=0.1, eps=1e-50)

@@ -79,15 +79,6 @@ def test_params_without_grad_are_skipped_and_grad_is_not_modified(
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
-def test_zero_grad_sets_grads_to_none(config: Config) -> None:
-    a = torch.nn.Parameter(torch.ones(3))
-    opt = config.cls([a], **config.options)
-    a.grad = torch.ones(3)
-    opt.zero_grad()
-    assert a.grad is None
-
-
-@pytest.mark.parametrize("config", CONFIGS, ids=str)
 def test_step_and_state_dict_hooks_run(config: Config) -> None:
     a = torch.nn.Parameter(torch.ones(3))
     opt = config.cls([a], **config.options)
