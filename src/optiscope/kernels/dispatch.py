@@ -160,18 +160,16 @@ def fresh_rows(count: int, layout: tuple[str, ...]) -> np.ndarray:
 
 
 def _flat(row: list[torch.Tensor]) -> list[tuple[torch.Tensor, bool]]:
-    """Each tensor of the row as a 1-D tensor in memory order, and whether it is a
-    copy. Tensors dense with one common order (contiguous or not) are viewed in
-    place; otherwise each non-contiguous one is copied to contiguous memory."""
+    """Each tensor of the row as a contiguous tensor (a backend reads it as flat
+    memory), and whether it is a copy. Contiguous tensors pass as they are;
+    tensors dense in one common order are viewed in place; otherwise each
+    non-contiguous one is copied."""
     if all(t.is_contiguous() for t in row):
-        return [(t.view(-1), False) for t in row]
+        return [(t, False) for t in row]
     strides = row[0].stride()
     if all(t.stride() == strides for t in row) and _dense(row[0]):
         return [(t.as_strided((t.numel(),), (1,)), False) for t in row]
-    return [
-        (t.view(-1), False) if t.is_contiguous() else (t.contiguous().view(-1), True)
-        for t in row
-    ]
+    return [(t, False) if t.is_contiguous() else (t.contiguous(), True) for t in row]
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -204,7 +202,7 @@ def _run(
         for i, row in zip(picked, flat, strict=True):
             for column, (view, is_copy) in zip(columns, row, strict=True):
                 if is_copy and column.written:
-                    column.tensors[i].copy_(view.view(column.tensors[i].shape))
+                    column.tensors[i].copy_(view)
         if part is not None:
             for j, i in enumerate(picked):
                 torch_rule.combine_row(table[i], part[j], layout)

@@ -28,6 +28,7 @@ from ..rules import SUPPORTED_DTYPES
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 #: Devices whose tensors a kernel addresses; others (meta) go to the torch rule.
 _KERNEL_DEVICES = ("cpu", "cuda")
+_ITEM_SIZE = {d: torch.empty(0, dtype=d).element_size() for d in SUPPORTED_DTYPES}
 
 
 class Column:
@@ -73,26 +74,86 @@ def check_rows(
                 f"{column.name} has {len(column.tensors)} tensors for "
                 f"{len(params)} parameters"
             )
+    kinds = _PLAIN_TYPES if plain else None
+    memory = addresses and plain
+    starts: list[int] = []
+    stops: list[int] = []
+    where: list[tuple[int, int]] = []
+    # One pass of a handful of attribute reads per tensor: the message is
+    # built, by _explain, only for a row that fails.
     for row, param in enumerate(params):
-        state_dtype = None
-        for index, column in enumerate(columns):
+        if not isinstance(param, torch.Tensor):
+            _explain(columns, row, labels, plain)
+        shape, device, dtype = param.shape, param.device, param.dtype
+        state_dtype = columns[2].tensors[row].dtype if len(columns) > 2 else dtype
+        addressed = memory and device.type in _KERNEL_DEVICES
+        for c, column in enumerate(columns):
             t = column.tensors[row]
-            where = f"{column.name} of parameter {_label(labels, row)}"
-            _check_one(t, param, where, writable=column.written, plain=plain)
-            if index == 1 and t.dtype != param.dtype:
+            kind = type(t)
+            t_dtype = t.dtype if isinstance(t, torch.Tensor) else None
+            if not (
+                (kind in kinds if kinds is not None else t_dtype is not None)
+                and t_dtype == (dtype if c < 2 else state_dtype)
+                and t_dtype in SUPPORTED_DTYPES
+                and t.shape == shape
+                and t.device == device
+                and t.layout == torch.strided
+            ):
+                _explain(columns, row, labels, plain)
+            contiguous = t.is_contiguous()
+            if column.written and not contiguous and not _no_broadcast(t):
+                _explain(columns, row, labels, plain)
+            if addressed:
+                numel = t.numel()
+                if numel == 0:
+                    continue
+                address = t.data_ptr()
+                if address == 0:
+                    name = f"{column.name} of parameter {_label(labels, row)}"
+                    raise ValueError(f"{name} has elements but no memory (address 0)")
+                span = numel if contiguous else _span(t)
+                starts.append(address)
+                stops.append(address + span * _ITEM_SIZE[t_dtype])
+                where.append((c, row))
+    if len(starts) > 1:
+        _check_overlap(columns, labels, starts, stops, where)
+
+
+def _span(t: torch.Tensor) -> int:
+    """Elements from the first to the last of ``t`` (strides are >= 0 in torch)."""
+    return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+
+
+def _no_broadcast(t: torch.Tensor) -> bool:
+    return not any(
+        stride == 0 and size > 1
+        for stride, size in zip(t.stride(), t.shape, strict=True)
+    )
+
+
+def _explain(
+    columns: Sequence[Column], row: int, labels: Sequence[str] | None, plain: bool
+) -> None:
+    """Raise the error for the first tensor of ``row`` that fails a check."""
+    param = columns[0].tensors[row]
+    state_dtype = None
+    for index, column in enumerate(columns):
+        t = column.tensors[row]
+        where = f"{column.name} of parameter {_label(labels, row)}"
+        _check_one(t, param, where, writable=column.written, plain=plain)
+        if index == 1 and t.dtype != param.dtype:
+            raise TypeError(
+                f"{where} has dtype {t.dtype}, but the parameter is {param.dtype}; "
+                "a gradient must have its parameter's dtype"
+            )
+        if index >= 2:
+            if state_dtype is not None and t.dtype != state_dtype[1]:
                 raise TypeError(
-                    f"{where} has dtype {t.dtype}, but the parameter is {param.dtype}; "
-                    "a gradient must have its parameter's dtype"
+                    f"{where} has dtype {t.dtype}, but {state_dtype[0]} is "
+                    f"{state_dtype[1]}; the states of a parameter share one dtype"
                 )
-            if index >= 2:
-                if state_dtype is not None and t.dtype != state_dtype[1]:
-                    raise TypeError(
-                        f"{where} has dtype {t.dtype}, but {state_dtype[0]} is "
-                        f"{state_dtype[1]}; the states of a parameter share one dtype"
-                    )
-                state_dtype = (column.name, t.dtype)
-    if addresses and plain:
-        _check_memory(columns, labels)
+            state_dtype = (column.name, t.dtype)
+    raise AssertionError("a row failed the gate but no check explains it")
 
 
 def _check_one(
@@ -119,56 +180,34 @@ def _check_one(
             f"{where} has shape {tuple(t.shape)}, but the parameter has shape "
             f"{tuple(param.shape)} (a state or gradient from another model?)"
         )
-    if writable and any(
-        stride == 0 and size > 1
-        for stride, size in zip(t.stride(), t.shape, strict=True)
-    ):
+    if writable and not _no_broadcast(t):
         raise ValueError(
             f"{where} stores one element for several indices (stride 0); "
             "it cannot be updated in place"
         )
 
 
-def _check_memory(columns: Sequence[Column], labels: Sequence[str] | None) -> None:
-    """Non-zero addresses, and no byte shared between two tensors of the call."""
-    starts, stops, names = [], [], []
-    for column in columns:
-        for row, t in enumerate(column.tensors):
-            if t.numel() == 0 or t.device.type not in _KERNEL_DEVICES:
-                continue
-            address = t.data_ptr()
-            where = f"{column.name} of parameter {_label(labels, row)}"
-            if address == 0:
-                raise ValueError(f"{where} has elements but no memory (address 0)")
-            span = sum(
-                (n - 1) * abs(s) for n, s in zip(t.shape, t.stride(), strict=True)
-            )
-            low = (
-                address
-                - sum(
-                    (n - 1) * -s
-                    for n, s in zip(t.shape, t.stride(), strict=True)
-                    if s < 0
-                )
-                * t.element_size()
-            )
-            starts.append(low)
-            stops.append(low + (span + 1) * t.element_size())
-            names.append(where)
-    if len(starts) < 2:
-        return
+def _check_overlap(
+    columns: Sequence[Column],
+    labels: Sequence[str] | None,
+    starts: list[int],
+    stops: list[int],
+    where: list[tuple[int, int]],
+) -> None:
+    """Raise if two of the byte ranges ``[start, stop)`` intersect."""
     start, stop = np.array(starts, np.int64), np.array(stops, np.int64)
     order = np.argsort(start, kind="stable")
-    running_stop = np.maximum.accumulate(stop[order])
-    clash = np.flatnonzero(start[order][1:] < running_stop[:-1])
+    reach = np.maximum.accumulate(stop[order])
+    clash = np.flatnonzero(start[order][1:] < reach[:-1])
     if clash.size:
-        second = int(order[clash[0] + 1])
-        first = int(
-            order[: clash[0] + 1][
-                np.argmax(stop[order][: clash[0] + 1] > start[second])
-            ]
-        )
+        k = int(clash[0]) + 1
+        second = int(order[k])
+        first = int(order[:k][np.argmax(stop[order[:k]] > start[second])])
+        names = [
+            f"{columns[c].name} of parameter {_label(labels, row)}"
+            for c, row in (where[second], where[first])
+        ]
         raise ValueError(
-            f"{names[second]} shares memory with {names[first]}; "
+            f"{names[0]} shares memory with {names[1]}; "
             "the tensors of a step must not overlap"
         )
