@@ -172,6 +172,23 @@ def test_refused_first_step_adds_no_state() -> None:
     assert len(opt.state) == 0
 
 
+@pytest.mark.parametrize("cfg", [ADAM, MOMENTUM], ids=str)
+def test_a_fault_in_the_first_group_is_named_and_adds_no_state(cfg) -> None:
+    """The first group is checked by its operator; the refusal still names the
+    parameter, and the state made for the step is not kept."""
+    opt, params = two_groups(cfg, steps=0)
+    params[1].grad.data = torch.ones(5)
+    with pytest.raises(ValueError, match=r"grad of parameter 'group0\.param1'"):
+        opt.step()
+    assert len(opt.state) == 0
+    opt, params = two_groups(cfg)
+    params[0].grad.data = torch.ones(5)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"grad of parameter 'group0\.param0'"):
+        opt.step()
+    assert_unchanged(before, opt)
+
+
 def test_named_parameters_are_named_in_the_error() -> None:
     model = torch.nn.Linear(3, 2)
     opt = optiscope.Adam(model.named_parameters())

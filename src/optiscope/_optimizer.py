@@ -158,8 +158,7 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
         if self._probe is not None:
             self._probed_step()
             return loss
-        for work in self._plan():
-            self._update(work, None)
+        self._apply(self._plan(), None)
         return loss
 
     @torch.compiler.disable
@@ -169,23 +168,44 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
         probe = self._probe
         works = self._plan()
         measuring = probe.wants_this_step()
-        for work in works:
-            rows = probe.new_rows(len(work.params)) if measuring else None
-            self._update(work, rows)
-            if measuring:
-                probe.add_group(
-                    work.index, work.group, work.params, rows, self._corrections(work)
-                )
+        rows = [probe.new_rows(len(w.params)) if measuring else None for w in works]
+        self._apply(works, rows)
         if measuring:
+            for work, table in zip(works, rows, strict=True):
+                corrections = self._corrections(work)
+                probe.add_group(work.index, work.group, work.params, table, corrections)
             probe.finish_step()
+
+    def _apply(
+        self, works: list[GroupWork], rows: list[np.ndarray | None] | None
+    ) -> None:
+        """Update every checked group. The first group's tensors are checked by
+        its operator (every operator checks its own, before it changes
+        anything), so the state that :meth:`_plan` made is kept only once that
+        has passed; a refused step then leaves no trace."""
+        rows = rows or [None] * len(works)
+        for k, (work, table) in enumerate(zip(works, rows, strict=True)):
+            if k > 0:
+                self._update(work, table)
+                continue
+            try:
+                self._update(work, table)
+            except (TypeError, ValueError):
+                self._check_tensors(work)  # the same refusal, naming the parameter
+                raise
+            for w in works:
+                for p, state in zip(w.params, w.states, strict=True):
+                    if self.state.get(p) is not state:
+                        self.state[p].update(state)
 
     def _corrections(self, work: GroupWork) -> list[tuple[float, float]] | None:
         """Each tensor's bias corrections after the step (Adam's probes)."""
         return None
 
     def _plan(self) -> list[GroupWork]:
-        """Check every group; then add the state the step needs. Raises before
-        anything is modified."""
+        """Check every group's options, gradients and (from the second group on)
+        tensors, and make the state each parameter lacks, without keeping it
+        yet. Raises before anything is modified."""
         works = []
         for index, group in enumerate(self.param_groups):
             options = self._check_group(dict(group))
@@ -196,8 +216,9 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
             position = {id(p): i for i, p in enumerate(group["params"])}
             states = []
             for p in params:
-                state = self.state.get(p, {})
-                states.append({**state, **self._new_state(p, options, state)})
+                state = self.state.get(p)
+                new = self._new_state(p, options, state or {})
+                states.append({**state, **new} if new and state else new or state)
             work = GroupWork(
                 index,
                 group,
@@ -206,12 +227,9 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
                 states,
                 [names[position[id(p)]] for p in params],
             )
-            self._check_tensors(work)
+            if works:  # the first group is checked by its operator (see _apply)
+                self._check_tensors(work)
             works.append(work)
-        for work in works:  # every check passed: the new state is kept
-            for p, state in zip(work.params, work.states, strict=True):
-                self.state[p].update(state)
-            work.states = [self.state[p] for p in work.params]
         return works
 
     def _params_with_grad(self, group: dict[str, Any]) -> list[torch.Tensor]:
