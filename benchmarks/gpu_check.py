@@ -9,6 +9,8 @@ Correctness (exit status 1 if any check fails):
 * Adam/AdamW/amsgrad/maximize: our kernel against ``torch.optim.Adam(fused=True)``
   and against :func:`optiscope.adam_step` on CPU; bfloat16 parameters too;
 * float64 Adam against the NumPy reference; Momentum against ``momentum_step``;
+* the probe rows of Adam and Momentum (device partial rows, their fold, the
+  step histogram) against rows recomputed on the CPU from snapshots;
 * the dropout mask, bit for bit, against the NumPy Philox stream
   (``philox.keep_mask``), and backward against the stored-mask gradient.
 
@@ -46,8 +48,9 @@ import torch
 if importlib.util.find_spec("optiscope") is None:  # a checkout, not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from optiscope import adam_step, momentum_step, reference
-from optiscope.kernels import philox
+from optiscope import adam_step, momentum_step, reference, rules
+from optiscope.kernels import philox, rows
+from optiscope.kernels.records import AdamBatch, AdamHyper, MomentumBatch, MomentumHyper
 
 NUMEL = 100_000_000  # elements per benchmark tensor (float32: 400 MB each)
 ROUNDS = 9  # interleaved timing rounds; the median is reported
@@ -104,7 +107,8 @@ ADAM_OPTIONS = {
         lr=1e-2, weight_decay=0.3, decoupled_weight_decay=True, amsgrad=True
     ),
 }
-SHAPES = [(1000, 257), (33,), (), (0,), (4097,)]
+# No empty tensor: the dispatcher never hands one to a backend.
+SHAPES = [(1000, 257), (33,), (), (4097,)]
 
 
 def adam_kwargs(**options) -> dict:
@@ -121,6 +125,27 @@ def adam_kwargs(**options) -> dict:
     )
     kwargs.update(options)
     return kwargs
+
+
+def adam_call(tk, params, grads, states, steps, kw, stats=None) -> None:
+    """One call of the backend as the dispatcher makes it: records, and bias
+    corrections from :func:`optiscope.rules.bias_corrections`."""
+    corrections = [
+        rules.bias_corrections(kw["beta1"], kw["beta2"], t, kw["bias_correction"])
+        for t in steps
+    ]
+    vmax = states[2] if kw["amsgrad"] else None
+    batch = AdamBatch(params, grads, states[0], states[1], vmax, corrections)
+    tk.adam_(batch, AdamHyper(**kw), stats)
+
+
+def fresh_stats(count: int, layout: tuple[str, ...]) -> np.ndarray:
+    """Probe rows as the dispatcher passes them: zeros, an empty step range."""
+    stats = np.zeros((count, len(layout)))
+    if "step_min" in layout:
+        stats[:, layout.index("step_min")] = math.inf
+        stats[:, layout.index("step_max")] = -math.inf
+    return stats
 
 
 def torch_adam(params, kw) -> torch.optim.Optimizer:
@@ -150,16 +175,8 @@ def check_adam_vs_torch(tk, name, options, dtype) -> tuple[bool, str]:
     opt = torch_adam(theirs, kw)
     for t in range(1, 4):
         grads = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
-        vmax = states[2] if kw["amsgrad"] else None
-        tk.adam_(
-            ours,
-            [g.to(DEVICE, copy=True) for g in grads],
-            states[0],
-            states[1],
-            vmax,
-            [t] * len(ours),
-            **kw,
-        )
+        moved = [g.to(DEVICE, copy=True) for g in grads]
+        adam_call(tk, ours, moved, states, [t] * len(ours), kw)
         for p, g in zip(theirs, grads, strict=True):
             p.grad = g.to(DEVICE, copy=True)
         opt.step()
@@ -197,13 +214,8 @@ def check_adam_float64(tk) -> tuple[bool, str]:
     states = [torch.zeros_like(p) for _ in range(3)]
     for t in range(1, 4):
         g = gen.standard_normal(theta.shape)
-        tk.adam_(
-            [p],
-            [torch.from_numpy(g).to(DEVICE, copy=True)],
-            *[[s] for s in states],
-            [t],
-            **kw,
-        )
+        grad = torch.from_numpy(g).to(DEVICE, copy=True)
+        adam_call(tk, [p], [grad], [[s] for s in states], [t], kw)
         theta, m, v, vmax = reference.adam_step(theta, m, v, g, t=t, v_max=vmax, **kw)
     err = np.abs(p.cpu().numpy() - theta).max()
     return bool(err <= 1e-12), f"max |ours-reference| {err:.1e}"
@@ -220,7 +232,8 @@ def check_momentum(tk) -> tuple[bool, str]:
     )
     for _ in range(3):
         grads = [torch.randn(s, generator=gen) for s in SHAPES]
-        tk.momentum_(ours, [g.to(DEVICE, copy=True) for g in grads], bufs, **kw)
+        moved = [g.to(DEVICE, copy=True) for g in grads]
+        tk.momentum_(MomentumBatch(ours, moved, bufs), MomentumHyper(**kw), None)
         for p, g, b in zip(cpu, grads, cpu_bufs, strict=True):
             momentum_step(p, g, b, **kw)
     try:
@@ -229,6 +242,64 @@ def check_momentum(tk) -> tuple[bool, str]:
     except AssertionError as error:
         return False, str(error).splitlines()[0]
     return True, "equal to momentum_step to 1e-6"
+
+
+def snapshot_row(before, after, grad, extra: list[float]) -> np.ndarray:
+    """rows.COMMON from snapshots, in float64 NumPy, then ``extra``."""
+    g, theta = grad.cpu().double().numpy(), after.cpu().double().numpy()
+    update = theta - before.cpu().double().numpy()
+    common = [g.size, (g * g).sum(), (update * update).sum(), (theta * theta).sum()]
+    return np.array([*common, (~np.isfinite(g)).sum(), *extra], dtype=np.float64)
+
+
+def adam_snapshot_extra(v_used, lr: float, eps: float, c2: float) -> list[float]:
+    """Adam's columns after rows.COMMON, by their definitions in rows.py."""
+    root = np.sqrt(v_used.cpu().double().numpy().reshape(-1) / c2)
+    step = lr / (root + eps)
+    sample = step[:: rows.hist_stride(step.size)].tolist()
+    bins = [rows.HIST_BINS - 1 if s == math.inf else rows.octave_bin(s) for s in sample]
+    counts = np.bincount(bins, minlength=rows.HIST_BINS)
+    return [(root < eps).sum(), step.min(), step.max(), *counts]
+
+
+def check_probes(tk) -> tuple[bool, str]:
+    """One probed step of Adam (amsgrad, L2) and of Momentum on float32 tensors
+    of many programs: counts, extrema and histogram exactly, sums to 1e-12."""
+    gen = torch.Generator().manual_seed(2)
+    shapes = [(3000, 1001), (33,), (), (70_001,)]
+    kw = adam_kwargs(lr=1e-2, weight_decay=0.1, amsgrad=True)
+    params = [torch.randn(s, generator=gen).to(DEVICE) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(DEVICE) for s in shapes]
+    grads[1][:5] = 0.0
+    states = [[torch.rand_like(p) for p in params] for _ in range(3)]
+    before = [p.clone() for p in params]
+    stats = fresh_stats(len(shapes), rows.ADAM)
+    adam_call(tk, params, grads, states, [3] * len(shapes), kw, stats)
+    c2 = rules.bias_corrections(kw["beta1"], kw["beta2"], 3).c2
+    for i in range(len(shapes)):
+        extra = adam_snapshot_extra(states[2][i], kw["lr"], kw["eps"], c2)
+        want = snapshot_row(before[i], params[i], grads[i], extra)
+        if not rows_agree(stats[i], want, rows.ADAM):
+            return False, f"adam row {i}: {stats[i][:8]} != {want[:8]}"
+    mkw = dict(lr=0.03, momentum=0.9, weight_decay=0.0, maximize=False)
+    bufs = [torch.randn(s, generator=gen).to(DEVICE) for s in shapes]
+    m_prev, before = [b.clone() for b in bufs], [p.clone() for p in params]
+    stats = fresh_stats(len(shapes), rows.MOMENTUM)
+    batch = MomentumBatch(params, grads, bufs)
+    tk.momentum_(batch, MomentumHyper(**mkw), stats)
+    for i in range(len(shapes)):
+        g, m = grads[i].cpu().double(), bufs[i].cpu().double()
+        extra = [float((g * m_prev[i].cpu().double()).sum()), float((m * m).sum())]
+        want = snapshot_row(before[i], params[i], grads[i], extra)
+        if not rows_agree(stats[i], want, rows.MOMENTUM):
+            return False, f"momentum row {i}: {stats[i]} != {want}"
+    return True, f"{2 * len(shapes)} rows equal to the snapshot rows"
+
+
+def rows_agree(found: np.ndarray, want: np.ndarray, layout: tuple[str, ...]) -> bool:
+    sums = np.array([name.startswith("sum_") for name in layout])
+    close = np.allclose(found[sums], want[sums], rtol=1e-12, atol=0.0)
+    return bool(close and np.array_equal(found[~sums], want[~sums]))
 
 
 def check_dropout(tk) -> tuple[bool, str]:
@@ -271,6 +342,7 @@ def run_checks(tk) -> list[tuple[str, bool, str]]:
             checks.append((f"{name} {str(dtype).removeprefix('torch.')}", ok, detail))
     checks.append(("adam float64 vs reference", *check_adam_float64(tk)))
     checks.append(("momentum vs momentum_step", *check_momentum(tk)))
+    checks.append(("probe rows vs snapshots", *check_probes(tk)))
     checks.append(("dropout vs philox.keep_mask", *check_dropout(tk)))
     return checks
 
@@ -308,11 +380,11 @@ def adam_candidates(tk, n: int) -> dict[str, Callable[[], object]]:
 
     def ours():
         steps[0] += 1
-        tk.adam_([p], [g], [m], [v], None, steps, **kw)
+        adam_call(tk, [p], [g], [[m], [v]], steps, kw)
 
     def ours_probed():  # the probe's sums in the same kernel, its rows to the host
         steps[0] += 1
-        tk.adam_([p], [g], [m], [v], None, steps, **kw, probe=True)
+        adam_call(tk, [p], [g], [[m], [v]], steps, kw, fresh_stats(1, rows.ADAM))
 
     q = torch.nn.Parameter(torch.rand(n, device=DEVICE))
     q.grad = torch.rand(n, device=DEVICE)

@@ -65,7 +65,10 @@ def bias_corrections(
 def effective_step(lr: float, v_hat: torch.Tensor, eps: float) -> torch.Tensor:
     r"""Adam's per-coordinate step size :math:`\alpha/(\sqrt{\hat v}+\epsilon)`,
     in float64: what the probes and the lab report as "the step Adam gives"."""
-    return lr / (torch.sqrt(v_hat.to(torch.float64)) + eps)
+    denom = torch.sqrt(v_hat.to(torch.float64)) + eps
+    # torch.div, not ``lr / denom``: torch computes a scalar over a tensor as a
+    # reciprocal times lr, 1 ulp from the division every backend performs.
+    return torch.div(torch.tensor(lr, dtype=torch.float64, device=denom.device), denom)
 
 
 def adam_denominator_is_zero(eps: float, dtype: torch.dtype) -> bool:

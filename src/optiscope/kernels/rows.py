@@ -89,6 +89,8 @@ def octave_bin(value: float) -> int:
     """The histogram bin of a positive ``value`` (the same rule the kernels apply)."""
     if not value > 0:
         return 0
+    if value == math.inf:
+        return HIST_BINS - 1
     exponent = math.frexp(value)[
         1
     ]  # value = f·2^e with 0.5 <= f < 1, so 2^(e-1) <= value
