@@ -218,3 +218,29 @@ class ReferenceRun:
             **adam_options(self.config),
         )
         return self.theta
+
+
+def adam_hyper(config: Config) -> optiscope.kernels.records.AdamHyper:
+    """The ``AdamHyper`` record of an Adam row (what a backend's ``adam_`` takes)."""
+    from optiscope.kernels.records import AdamHyper
+
+    return AdamHyper(**adam_options(config))
+
+
+def momentum_hyper(config: Config) -> optiscope.kernels.records.MomentumHyper:
+    """The ``MomentumHyper`` record of a Momentum row."""
+    from optiscope.kernels.records import MomentumHyper
+
+    return MomentumHyper(**momentum_options(config))
+
+
+def corrections(
+    hyper: optiscope.kernels.records.AdamHyper, steps: list[int]
+) -> list[optiscope.rules.BiasCorrection]:
+    """Each row's bias corrections at its step count, as the dispatcher makes them."""
+    from optiscope.rules import bias_corrections
+
+    return [
+        bias_corrections(hyper.beta1, hyper.beta2, t, hyper.bias_correction)
+        for t in steps
+    ]

@@ -1,21 +1,34 @@
-"""Probe rows computed inside the fused kernels against the snapshot oracle."""
+"""Probe rows computed inside the CPU kernels against the snapshot oracle
+(:mod:`optiscope.kernels.torch_rule`, which computes them from copies taken
+before the step)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from configs import CONFIGS, Config
-from test_kernels_cpu import adam_options, momentum_options
+from configs import (
+    CONFIGS,
+    DTYPES,
+    Config,
+    adam_hyper,
+    config,
+    corrections,
+    momentum_hyper,
+    momentum_options,
+    randn,
+)
 
 import optiscope
-from optiscope import kernels
+from optiscope.kernels import cpu, torch_rule
 from optiscope.kernels import rows as layout
-from optiscope.probes import measure
+from optiscope.kernels.cpu import tables
+from optiscope.kernels.cpu.threads import CHUNK
+from optiscope.kernels.records import AdamBatch, AdamHyper, MomentumBatch
 
-DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-# 0-dim, vector, non-contiguous, empty, and one over two chunks (> 65,536).
-SHAPES = [(), (7,), (6, 5), (0,), (150_001,)]
+# 0-dim, vector, matrix, and one over two chunks (> 65,536).
+SHAPES = [(), (7,), (6, 5), (150_001,)]
+BIG = 3  # the index of the tensor over two chunks
 ADAM_SUMS = [layout.ADAM.index(c) for c in ("sum_grad_sq", "sum_update_sq")]
 ADAM_SUMS += [layout.ADAM.index("sum_param_sq")]
 EXTREMA = [layout.ADAM.index("step_min"), layout.ADAM.index("step_max")]
@@ -31,25 +44,24 @@ def empty_rows(config: Config, n: int) -> np.ndarray:
 
 def make(dtype: torch.dtype, bad_grads: bool = False, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-
-    def randn(shape, scale=1.0):
-        return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(
-            dtype
-        )
-
-    params = [randn(s) for s in SHAPES]
-    params[2] = params[2].t()
-    grads = [randn(p.shape) for p in params]
+    params = [randn(s, dtype=dtype, generator=gen) for s in SHAPES]
+    grads = [randn(s, dtype=dtype, generator=gen) for s in SHAPES]
     if bad_grads:
-        grads[1][2], grads[4][5], grads[4][70_000] = np.nan, np.inf, -np.inf
-    m = [randn(p.shape, 0.1) for p in params]
-    v = [randn(p.shape, 0.01).abs() for p in params]
+        grads[1][2], grads[BIG][5], grads[BIG][70_000] = np.nan, np.inf, -np.inf
+    m = [randn(s, dtype=dtype, generator=gen, scale=0.1) for s in SHAPES]
+    v = [randn(s, dtype=dtype, generator=gen, scale=0.01).abs() for s in SHAPES]
     vmax = [x * 1.5 for x in v]
     return params, grads, m, v, vmax
 
 
+def adam_batch(hyper: AdamHyper, step: int, tensors) -> AdamBatch:
+    params, grads, m, v, vmax = tensors
+    steps = corrections(hyper, [step] * len(params))
+    return AdamBatch(params, grads, m, v, vmax if hyper.amsgrad else None, steps)
+
+
 def probed_step(config: Config, dtype, step: int, tensors, *, oracle: bool):
-    """One kernel step with stats; with ``oracle`` also the snapshot rows and,
+    """One backend step with stats; with ``oracle`` also the snapshot rows and,
     per row, the sum of the magnitudes of each column's terms (the scale of
     its rounding error)."""
     params, grads, m, v, vmax = tensors
@@ -58,7 +70,7 @@ def probed_step(config: Config, dtype, step: int, tensors, *, oracle: bool):
     m_prev = [b.clone() for b in m]
     if config.cls is optiscope.Momentum:
         options = momentum_options(config)
-        kernels.momentum_(params, grads, m, **options, stats=rows)
+        cpu.momentum_(MomentumBatch(params, grads, m), momentum_hyper(config), rows)
         expected = [
             momentum_row_and_scale(
                 before[i],
@@ -72,28 +84,19 @@ def probed_step(config: Config, dtype, step: int, tensors, *, oracle: bool):
             if oracle
         ]
         return rows, expected
-    options = adam_options(config)
-    used = vmax if options["amsgrad"] else v
-    kernels.adam_(
-        params,
-        grads,
-        m,
-        v,
-        vmax if options["amsgrad"] else None,
-        [step] * len(params),
-        **options,
-        stats=rows,
-    )
-    c2 = 1 - options["beta2"] ** step if options["bias_correction"] else 1.0
+    hyper = adam_hyper(config)
+    batch = adam_batch(hyper, step, tensors)
+    cpu.adam_(batch, hyper, rows)
+    used = vmax if hyper.amsgrad else v
     expected = [
         adam_row_and_scale(
             before[i],
             params[i],
             grads[i],
             used[i],
-            lr=options["lr"],
-            eps=options["eps"],
-            correction2=c2,
+            lr=hyper.lr,
+            eps=hyper.eps,
+            correction2=batch.corrections[i].c2,
         )
         for i in range(len(params))
         if oracle
@@ -102,7 +105,7 @@ def probed_step(config: Config, dtype, step: int, tensors, *, oracle: bool):
 
 
 def momentum_row_and_scale(before, after, grad, m_prev, m, options):
-    row = measure.torch_momentum_row(
+    row = torch_rule.momentum_row(
         before,
         after,
         grad,
@@ -121,7 +124,7 @@ def momentum_row_and_scale(before, after, grad, m_prev, m, options):
 
 
 def adam_row_and_scale(*args, **kwargs):
-    row = measure.torch_adam_row(*args, **kwargs)
+    row = torch_rule.adam_row(*args, **kwargs)
     return row, row  # every sum is of squares
 
 
@@ -142,14 +145,12 @@ def sum_tolerance(dtype: torch.dtype) -> float:
     top of its factors' own, which are at most 2 (momentum's ``g``). float64
     kernels differ from torch's float64 sum only by the order of additions,
     at ``n·2**-53``."""
-    from optiscope.kernels.cpu import CHUNK
-
     if dtype == torch.float64:
         return 2 * CHUNK * 2.0**-53
     return (CHUNK // 24 + 1 + 2 + 4 + 3 + 2) * 2.0**-24
 
 
-def assert_rows_match(config: Config, rows, expected, used, dtype) -> None:
+def assert_rows_match(config: Config, rows, expected, used, dtype, step) -> None:
     sums = SUMS["Momentum" if config.cls is optiscope.Momentum else "Adam"]
     tolerance = sum_tolerance(dtype)
     for i, (row, (want, scale)) in enumerate(zip(rows, expected, strict=True)):
@@ -169,16 +170,18 @@ def assert_rows_match(config: Config, rows, expected, used, dtype) -> None:
         stride = layout.hist_stride(int(row[0]))
         assert ours.sum() == theirs.sum() == -(-row[0] // stride)
         moved = np.abs(ours - theirs).sum() / 2
-        assert moved <= edge_elements(config, used[i]), (i, ours - theirs)
+        assert moved <= edge_elements(config, used[i], step), (i, ours - theirs)
 
 
-def edge_elements(config: Config, v_used: torch.Tensor) -> int:
+def edge_elements(config: Config, v_used: torch.Tensor, step: int) -> int:
     """Elements whose step lies within 1e-12 (relative) of an octave edge: the
     only ones the oracle's ulp-level rounding can put in the neighbouring bin."""
-    o = adam_options(config)
-    step = o["lr"] / (v_used.double().reshape(-1).sqrt() + o["eps"])
-    _, exponent = torch.frexp(step)
-    mantissa = step / torch.ldexp(torch.ones_like(step), exponent - 1)
+    hyper = adam_hyper(config)
+    (c2,) = [c.c2 for c in corrections(hyper, [step])]
+    v_hat = v_used.double().reshape(-1) / c2
+    s = hyper.lr / (v_hat.sqrt() + hyper.eps)
+    _, exponent = torch.frexp(s)
+    mantissa = s / torch.ldexp(torch.ones_like(s), exponent - 1)
     return int(((mantissa - 1).abs() < 1e-12).sum() + ((2 - mantissa) < 1e-12).sum())
 
 
@@ -188,35 +191,30 @@ def test_kernel_rows_match_the_snapshot_oracle(config: Config, dtype) -> None:
     tensors = make(dtype)
     for step in (1, 2, 3):
         rows, expected = probed_step(config, dtype, step, tensors, oracle=True)
-        o = config.options
-        used = tensors[4] if o.get("amsgrad") else tensors[3]
-        assert_rows_match(config, rows, expected, used, dtype)
+        used = tensors[4] if config.options.get("amsgrad") else tensors[3]
+        assert_rows_match(config, rows, expected, used, dtype, step)
 
 
-@pytest.mark.parametrize(
-    "config", [CONFIGS[0], CONFIGS[4]], ids=["momentum", "adam-amsgrad"]
-)
-def test_non_finite_gradients_are_counted(config: Config) -> None:
+@pytest.mark.parametrize("name", ["momentum", "adam-l2-amsgrad"])
+def test_non_finite_gradients_are_counted(name: str) -> None:
+    cfg = config(name)
     rows, expected = probed_step(
-        config, torch.float32, 1, make(torch.float32, bad_grads=True), oracle=True
+        cfg, torch.float32, 1, make(torch.float32, bad_grads=True), oracle=True
     )
-    column = layout.MOMENTUM.index("nonfinite_grads")
-    assert rows[:, column].tolist() == [0, 1, 0, 0, 2]
+    column = layout.COMMON.index("nonfinite_grads")
+    assert rows[:, column].tolist() == [0, 1, 0, 2]
     assert rows[:, column].tolist() == [e[column] for e, _ in expected]
-    if config.cls is optiscope.Adam:  # a NaN step: NaN extrema, as torch's
+    if cfg.cls is not optiscope.Momentum:  # a NaN step: NaN extrema, as torch's
         assert np.isnan(rows[1, EXTREMA]).all()
         assert np.isnan(expected[1][0][EXTREMA]).all()
 
 
 def test_rows_add_to_what_the_caller_passed() -> None:
-    config = CONFIGS[3]
-    first, _ = probed_step(config, torch.float32, 1, make(torch.float32), oracle=False)
+    cfg = config("adam")
+    first, _ = probed_step(cfg, torch.float32, 1, make(torch.float32), oracle=False)
     rows = first.copy()
-    tensors = make(torch.float32)
-    params, grads, m, v, _ = tensors
-    kernels.adam_(
-        params, grads, m, v, None, [1] * 5, **adam_options(config), stats=rows
-    )
+    hyper = adam_hyper(cfg)
+    cpu.adam_(adam_batch(hyper, 1, make(torch.float32)), hyper, rows)
     np.testing.assert_array_equal(rows[:, 0], 2 * first[:, 0])
     np.testing.assert_array_equal(rows[:, EXTREMA], first[:, EXTREMA])
 
@@ -240,56 +238,47 @@ def test_stats_bitwise_identical_across_thread_counts(config: Config) -> None:
         np.testing.assert_array_equal(run.view(np.uint64), runs[0].view(np.uint64))
 
 
-def test_stats_leave_the_update_unchanged() -> None:
-    config = CONFIGS[4]
-    plain, probed = make(torch.bfloat16), make(torch.bfloat16)
-    params, grads, m, v, vmax = plain
-    kernels.adam_(params, grads, m, v, vmax, [1] * 5, **adam_options(config))
-    probed_step(config, torch.bfloat16, 1, probed, oracle=False)
-    written = [0, 2, 3]  # params, m, v
-    for a, b in zip(
-        *([t for k in written for t in run[k]] for run in (plain, probed)), strict=True
-    ):
-        assert torch.equal(a, b)
+@pytest.mark.parametrize("name", ["momentum-l2-max", "adam-l2-amsgrad"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_stats_leave_the_update_unchanged(name: str, dtype) -> None:
+    """The probed and the plain loop call one per-element update: bit for bit."""
+    cfg = config(name)
+    plain, probed = make(dtype), make(dtype)
+    if cfg.cls is optiscope.Momentum:
+        params, grads, m, _, _ = plain
+        cpu.momentum_(MomentumBatch(params, grads, m), momentum_hyper(cfg), None)
+    else:
+        hyper = adam_hyper(cfg)
+        cpu.adam_(adam_batch(hyper, 1, plain), hyper, None)
+    probed_step(cfg, dtype, 1, probed, oracle=False)
+    for a, b in zip(plain, probed, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize("config", [CONFIGS[2], CONFIGS[4]], ids=str)
-def test_torch_fallback_rows_equal_the_kernel_rows(config, monkeypatch) -> None:
-    """The fallback fills rows from snapshots; they agree with the in-pass ones."""
-    in_pass, _ = probed_step(
-        config, torch.float64, 1, make(torch.float64), oracle=False
-    )
-    monkeypatch.setattr(kernels, "_backend", lambda t: "torch")
-    snapshot, _ = probed_step(
-        config, torch.float64, 1, make(torch.float64), oracle=False
-    )
+@pytest.mark.parametrize("name", ["momentum-l2-max", "adam-l2-amsgrad"])
+def test_the_torch_rule_backend_fills_the_same_rows(name: str) -> None:
+    """The per-tensor backend fills its rows from snapshots, in extra passes;
+    they agree with the kernel's, summed in the same pass (float64 rows)."""
+    cfg = config(name)
+    in_pass, _ = probed_step(cfg, torch.float64, 1, make(torch.float64), oracle=False)
+    snapshot = empty_rows(cfg, len(SHAPES))
+    params, grads, m, _, _ = tensors = make(torch.float64)
+    if cfg.cls is optiscope.Momentum:
+        batch = MomentumBatch(params, grads, m)
+        torch_rule.momentum_(batch, momentum_hyper(cfg), snapshot)
+    else:
+        hyper = adam_hyper(cfg)
+        torch_rule.adam_(adam_batch(hyper, 1, tensors), hyper, snapshot)
     np.testing.assert_allclose(snapshot, in_pass, rtol=sum_tolerance(torch.float64))
-
-
-def test_stats_of_the_wrong_shape_are_refused() -> None:
-    p, g, b = torch.zeros(3), torch.zeros(3), torch.zeros(3)
-    with pytest.raises(ValueError, match=r"shape \(1, 7\)"):
-        kernels.momentum_(
-            [p],
-            [g],
-            [b],
-            lr=0.1,
-            momentum=0.9,
-            weight_decay=0.0,
-            maximize=False,
-            stats=np.zeros((1, 3)),
-        )
 
 
 @pytest.mark.parametrize("lr, eps", [(1e-3, 1e-8), (0.1, 0.0), (1.0, 1e-3)])
 def test_step_bin_table_matches_the_formula(lr, eps) -> None:
     """The divide-free bins of the histogram's sample equal the oracle's, edges,
     zeros, subnormals, infinities, NaN and negatives included."""
-    from optiscope.kernels import cpu
-
     c2 = np.array([1e-3, 0.3, 1.0])
-    below = cpu.step_thresholds(lr, eps, c2)
-    bins, cuts = cpu.step_bins(below)
+    below = tables.step_thresholds(lr, eps, c2)
+    bins, cuts = tables.step_bins(below)
     gen = np.random.default_rng(0)
     special = [0.0, -0.0, 5e-324, 1e-310, np.inf, -np.inf, np.nan, -1.0, 1e300]
     v = np.concatenate(
@@ -301,7 +290,7 @@ def test_step_bin_table_matches_the_formula(lr, eps) -> None:
     for r in range(c2.size):
         with np.errstate(all="ignore"):
             step = lr / (np.sqrt(v / c2[r]) + eps)
-        exact = measure.octave_bins(torch.from_numpy(step)).numpy()
+        exact = torch_rule.octave_bins(torch.from_numpy(step)).numpy()
         table = bins[r, top]
         ours = table - (bits >= cuts[r, top])
         tabled = table >= 0
@@ -313,10 +302,8 @@ def test_step_bin_table_matches_the_formula(lr, eps) -> None:
 def test_step_thresholds_are_the_least_v_that_cross(lr, eps) -> None:
     """Each threshold's predicate holds at it and fails one ulp below, with the
     oracle's float64 operations."""
-    from optiscope.kernels import cpu
-
     c2 = np.array([1e-3, 0.3, 1.0])
-    below = cpu.step_thresholds(lr, eps, c2)
+    below = tables.step_thresholds(lr, eps, c2)
     edges = 2.0 ** (np.arange(layout.HIST_BINS) - 1 + layout.HIST_MIN_EXP)
 
     def holds(v, r):
@@ -332,32 +319,30 @@ def test_step_thresholds_are_the_least_v_that_cross(lr, eps) -> None:
         assert not holds(under, r)[below[r] > 0].any()
 
 
+SIZES = [150_001, 1, 65_536, 65_537, 7, 12]
+
+
+def signed_small_integers(gen: torch.Generator) -> list[torch.Tensor]:
+    """±1 or ±2 (float32): values whose float32 sums of squares are exact."""
+    return [
+        (torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1)
+        * torch.randint(1, 3, (n,), generator=gen).float()
+        for n in SIZES
+    ]
+
+
 def test_float32_sums_count_every_element_once() -> None:
     """On values whose float32 sums are exact, the kernel's sums equal the
     float64 oracle's exactly: no element lost or counted twice, across chunks
     and tensors, and whatever is left over after a chunk's three parts (0, 1
     or 2 elements: sizes 150,001 in 3 chunks, then 1, 65,536, 65,537, 7, 12)."""
-    gen = torch.Generator().manual_seed(0)
-    sizes = [150_001, 1, 65_536, 65_537, 7, 12]
-
-    def signs(n):
-        return torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1
-
-    grads = [signs(n) * torch.randint(1, 3, (n,), generator=gen).float() for n in sizes]
-    params = [torch.zeros(n) for n in sizes]
-    buffers = [torch.zeros(n) for n in sizes]
-    rows = np.zeros((len(sizes), len(layout.MOMENTUM)))
+    grads = signed_small_integers(torch.Generator().manual_seed(0))
+    params = [torch.zeros(n) for n in SIZES]
+    buffers = [torch.zeros(n) for n in SIZES]
+    rows = np.zeros((len(SIZES), len(layout.MOMENTUM)))
     # m = g/2, θ = -g/32 exactly: every square is a multiple of 2**-10 below 4.
-    kernels.momentum_(
-        params,
-        grads,
-        buffers,
-        lr=2.0**-4,
-        momentum=0.5,
-        weight_decay=0.0,
-        maximize=False,
-        stats=rows,
-    )
+    hyper = momentum_hyper(config("momentum"))._replace(lr=2.0**-4, momentum=0.5)
+    cpu.momentum_(MomentumBatch(params, grads, buffers), hyper, rows)
     for row, g in zip(rows, grads, strict=True):
         grad_sq = float(g.double().pow(2).sum())
         assert row.tolist() == [
@@ -372,29 +357,22 @@ def test_float32_sums_count_every_element_once() -> None:
 
 
 def test_float32_adam_sums_count_every_element_once() -> None:
-    """Adam's loop over a chunk's three parts, as the momentum test above: on values whose float32
-    sums are exact, the sums and extrema equal the hand-computed ones exactly.
-    With β1 = 1/2, β2 = 1 - 2**-4, ε = 0 at step 1, every update is exactly
-    ``-lr·sign(g)`` and the effective step of a coordinate is ``lr/|g|``."""
-    gen = torch.Generator().manual_seed(1)
-    sizes = [150_001, 1, 65_536, 65_537, 7, 12]
-    grads = [
-        (torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1)
-        * torch.randint(1, 3, (n,), generator=gen).float()
-        for n in sizes
-    ]
-    params = [torch.zeros(n) for n in sizes]
-    m = [torch.zeros(n) for n in sizes]
-    v = [torch.zeros(n) for n in sizes]
-    rows = np.zeros((len(sizes), len(layout.ADAM)))
+    """Adam's loop over a chunk's three parts, as the momentum test above: on
+    values whose float32 sums are exact, the sums and extrema equal the
+    hand-computed ones exactly. With β1 = 1/2, β2 = 1 - 2**-4, ε = 0 at step 1,
+    every update is exactly ``-lr·sign(g)`` and the effective step of a
+    coordinate is ``lr/|g|``."""
+    grads = signed_small_integers(torch.Generator().manual_seed(1))
+    params = [torch.zeros(n) for n in SIZES]
+    m = [torch.zeros(n) for n in SIZES]
+    v = [torch.zeros(n) for n in SIZES]
+    rows = np.zeros((len(SIZES), len(layout.ADAM)))
     rows[:, EXTREMA] = [np.inf, -np.inf]
     lr = 2.0**-4
-    kernels.adam_(
-        params, grads, m, v, None, [1] * len(sizes), lr=lr, beta1=0.5,
-        beta2=1 - 2.0**-4, eps=0.0, weight_decay=0.0,
-        decoupled_weight_decay=False, amsgrad=False, maximize=False,
-        bias_correction=True, stats=rows,
-    )  # fmt: skip
+    hyper = adam_hyper(config("adam"))._replace(
+        lr=lr, beta1=0.5, beta2=1 - 2.0**-4, eps=0.0
+    )
+    cpu.adam_(adam_batch(hyper, 1, (params, grads, m, v, None)), hyper, rows)
     for row, g, p in zip(rows, grads, params, strict=True):
         np.testing.assert_array_equal(p, -lr * g.sign())
         n = g.numel()
@@ -417,16 +395,8 @@ def test_float32_update_sum_keeps_its_documented_range() -> None:
         before = params[0].clone()
         rows = np.zeros((1, len(layout.MOMENTUM)))
         lr = 1e-23 if not expect_inf else 1e20
-        kernels.momentum_(
-            params,
-            grads,
-            [torch.zeros(n)],
-            lr=lr,
-            momentum=0.5,
-            weight_decay=0.0,
-            maximize=False,
-            stats=rows,
-        )
+        hyper = momentum_hyper(config("momentum"))._replace(lr=lr, momentum=0.5)
+        cpu.momentum_(MomentumBatch(params, grads, [torch.zeros(n)]), hyper, rows)
         exact = float((params[0].double() - before.double()).pow(2).sum())
         got = rows[0, layout.MOMENTUM.index("sum_update_sq")]
         if expect_inf:
@@ -442,7 +412,7 @@ def test_negative_zero_v_is_ordered_as_zero_and_matches_the_oracle() -> None:
     """A stored -0.0 in amsgrad's running max (the update keeps it: 0 > -0.0 is
     false) is ordered by the bits of |v|, as +0.0: its step, lr/eps, is the
     largest, as the oracle's."""
-    config = CONFIGS[4]
+    cfg = config("adam-l2-amsgrad")
     params, grads, m, v, vmax = make(torch.float32)
     # Three of seven coordinates: the others keep positive v, so the loop's
     # extrema alone would be wrong at both ends.
@@ -451,9 +421,25 @@ def test_negative_zero_v_is_ordered_as_zero_and_matches_the_oracle() -> None:
     v[1][:3] = 0.0
     vmax[1][:3] = -0.0
     rows, expected = probed_step(
-        config, torch.float32, 1, (params, grads, m, v, vmax), oracle=True
+        cfg, torch.float32, 1, (params, grads, m, v, vmax), oracle=True
     )
     assert torch.signbit(vmax[1][:3]).all() and (vmax[1][3:] > 0).all()
     np.testing.assert_allclose(rows[1, EXTREMA], expected[1][0][EXTREMA], rtol=1e-12)
-    lr, eps = adam_options(config)["lr"], adam_options(config)["eps"]
-    assert rows[1, EXTREMA[1]] == pytest.approx(lr / eps)
+    assert rows[1, EXTREMA[1]] == pytest.approx(cfg.options["lr"] / cfg.options["eps"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_zero_denominator_gives_an_infinite_step_not_an_error(dtype) -> None:
+    """ε = 0 and a coordinate whose gradient has always been 0: √v̂ + ε = 0, its
+    effective step lr/0 is +inf (as the oracle's) and the update is zero."""
+    cfg = config("adam-seed-rule")  # eps = 0
+    params, grads, m, v, vmax = make(dtype)
+    grads[1][:2], m[1][:2], v[1][:2] = 0.0, 0.0, 0.0
+    start = params[1][:2].clone()
+    rows, expected = probed_step(
+        cfg, dtype, 1, (params, grads, m, v, vmax), oracle=True
+    )
+    assert torch.equal(params[1][:2], start)
+    assert rows[1, EXTREMA[1]] == np.inf == expected[1][0][EXTREMA[1]]
+    last = layout.HIST_START + layout.HIST_BINS - 1
+    assert rows[1, last] == expected[1][0][last] >= 1  # element 0 is sampled

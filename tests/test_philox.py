@@ -48,3 +48,12 @@ def test_threshold_edges() -> None:
     assert philox.threshold(0.0) == 0
     assert philox.threshold(0.5) == 2**31
     assert philox.threshold(np.nextafter(1.0, 0.0)) == 2**32 - 1
+
+
+@pytest.mark.parametrize(("counter", "key", "expected"), KNOWN_ANSWERS)
+def test_cpu_kernel_generator_gives_the_known_answers(counter, key, expected) -> None:
+    """The numba generator behind the CPU dropout, on Random123's vectors too."""
+    from optiscope.kernels.cpu import dropout
+
+    words = dropout._philox(*(np.uint64(x) for x in (*counter, *key)))
+    assert tuple(int(w) for w in words) == expected

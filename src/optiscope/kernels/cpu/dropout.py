@@ -1,0 +1,249 @@
+r"""Dropout on the CPU: Philox4x32-10 words generated in SIMD lanes, never stored.
+
+The stream is the one of :mod:`optiscope.kernels.philox`, bit for bit. Two
+things make the generator fast without changing a bit of it:
+
+* **One counter per SIMD lane.** The loop over Philox blocks is the innermost
+  loop, and the 10 rounds inside it have a constant trip count, so LLVM unrolls
+  them and vectorizes over blocks: each 64-bit lane holds one 32-bit word, and
+  every ``a * b`` of two words below ``2^32`` becomes one ``vpmuludq``
+  (32×32→64 bits), whose high and low halves are the Philox ``mulhi``/``mullo``.
+* **Masking in the same loop.** Block ``b`` covers elements ``4b .. 4b+3``, so
+  the loop that makes its four words also writes those four outputs.
+
+Chunks are the fixed ``CHUNK``-element chunks of :mod:`.threads`, under
+``prange``, so results are bitwise identical across thread counts.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import types as pytypes
+from typing import Any
+
+import numba
+import numpy as np
+import torch
+from numba import prange
+
+from ... import rules
+from .. import philox
+from .bits import load, store
+from .jit import JIT
+from .threads import CHUNK
+
+_M0 = np.uint64(philox.PHILOX_M0)
+_M1 = np.uint64(philox.PHILOX_M1)
+_W0 = np.uint64(philox.PHILOX_W0)
+_W1 = np.uint64(philox.PHILOX_W1)
+_ROUNDS = philox.ROUNDS
+_LOW32 = np.uint64(0xFFFFFFFF)
+_U32 = np.uint64(32)
+
+
+# -- kernels ---------------------------------------------------------------------------
+@numba.njit(inline="always", **JIT)
+def _philox(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on one counter, words held in uint64 below ``2^32``.
+
+    The masks change no value; they let LLVM prove that both factors of every
+    product are below ``2^32``, which it needs to use ``vpmuludq``.
+    """
+    c0, c1, c2, c3 = c0 & _LOW32, c1 & _LOW32, c2 & _LOW32, c3 & _LOW32
+    k0, k1 = k0 & _LOW32, k1 & _LOW32
+    for _ in range(_ROUNDS):
+        prod0 = _M0 * c0
+        prod1 = _M1 * c2
+        c0, c1, c2, c3 = (
+            (prod1 >> _U32) ^ c1 ^ k0,
+            prod1 & _LOW32,
+            (prod0 >> _U32) ^ c3 ^ k1,
+            prod0 & _LOW32,
+        )
+        k0 = (k0 + _W0) & _LOW32
+        k1 = (k1 + _W1) & _LOW32
+    return c0, c1, c2, c3
+
+
+@numba.njit(inline="always", **JIT)
+def _block_words(block, c2, c3, k0, k1):
+    """The four words of Philox block ``block`` (uint64) of the stream."""
+    return _philox(block & _LOW32, block >> _U32, c2, c3, k0, k1)
+
+
+@numba.njit(**JIT)
+def _mask_blocks(x, out, first_block, cut, scale, c2, c3, k0, k1):
+    """Whole blocks: ``x`` and ``out`` are views of ``4 * blocks`` elements from
+    element ``4 * first_block`` (uint64) on. Indices are ``4b + j`` with ``b`` from
+    a ``range``: provably non-negative, so numba adds no wraparound branch and
+    LLVM sees consecutive accesses."""
+    nothing = scale - scale
+    for b in range(x.size // 4):
+        r0, r1, r2, r3 = _block_words(first_block + np.uint64(b), c2, c3, k0, k1)
+        i = 4 * b
+        y0 = load(x, i, scale) * scale  # loaded either way: no branch to vectorize
+        y1 = load(x, i + 1, scale) * scale
+        y2 = load(x, i + 2, scale) * scale
+        y3 = load(x, i + 3, scale) * scale
+        store(out, i, y0 if r0 >= cut else nothing)
+        store(out, i + 1, y1 if r1 >= cut else nothing)
+        store(out, i + 2, y2 if r2 >= cut else nothing)
+        store(out, i + 3, y3 if r3 >= cut else nothing)
+
+
+@numba.njit(**JIT)
+def _mask_tail(x, out, block, cut, scale, c2, c3, k0, k1):
+    """The first ``x.size < 4`` elements of Philox block ``block`` (uint64)."""
+    nothing = scale - scale
+    words = _block_words(block, c2, c3, k0, k1)
+    for j in range(x.size):
+        keep = words[j] >= cut
+        store(out, j, load(x, j, scale) * scale if keep else nothing)
+
+
+@numba.njit(parallel=True, **JIT)
+def dropout_kernel(x, out, cut, scale, seed, offset):
+    """``out_i = x_i * scale`` where Philox word ``r_i >= cut``, else 0.
+
+    ``scale`` is γ in the compute dtype; ``seed`` and ``offset`` are uint64, as
+    in :mod:`optiscope.kernels.philox`.
+    """
+    n = x.size
+    k0, k1 = seed & _LOW32, seed >> _U32
+    c2, c3 = offset & _LOW32, offset >> _U32
+    cut64 = np.uint64(cut)
+    for c in prange((n + CHUNK - 1) // CHUNK):
+        start = c * CHUNK  # CHUNK is a multiple of 4: chunks start on a block
+        stop = min(start + CHUNK, n)
+        tail = stop - (stop - start) % 4
+        block = np.uint64(start // 4)
+        xs, outs = x[start:tail], out[start:tail]
+        _mask_blocks(xs, outs, block, cut64, scale, c2, c3, k0, k1)
+        if tail < stop:
+            block = np.uint64(tail // 4)
+            xs, outs = x[tail:stop], out[tail:stop]
+            _mask_tail(xs, outs, block, cut64, scale, c2, c3, k0, k1)
+
+
+@numba.njit(**JIT)
+def _count_blocks(first_block, blocks, cut, c2, c3, k0, k1):
+    """How many of the ``4 * blocks`` words from ``first_block`` on are ``>= cut``."""
+    kept = 0
+    for b in range(blocks):
+        r0, r1, r2, r3 = _block_words(first_block + np.uint64(b), c2, c3, k0, k1)
+        kept += (r0 >= cut) + (r1 >= cut) + (r2 >= cut) + (r3 >= cut)
+    return kept
+
+
+@numba.njit(parallel=True, **JIT)
+def count_kernel(numel, cut, seed, offset):
+    """The number of ``i < numel`` whose Philox word ``r_i >= cut``; reads no
+    memory. Counts per fixed chunk, then sums the chunks in order."""
+    k0, k1 = seed & _LOW32, seed >> _U32
+    c2, c3 = offset & _LOW32, offset >> _U32
+    cut64 = np.uint64(cut)
+    chunks = (numel + CHUNK - 1) // CHUNK
+    kept = np.zeros(chunks, np.int64)
+    for c in prange(chunks):
+        start = c * CHUNK
+        stop = min(start + CHUNK, numel)
+        blocks = (stop - start) // 4
+        kept[c] = _count_blocks(np.uint64(start >> 2), blocks, cut64, c2, c3, k0, k1)
+        tail = start + 4 * blocks
+        if tail < stop:
+            words = _block_words(np.uint64(tail >> 2), c2, c3, k0, k1)
+            for j in range(stop - tail):
+                kept[c] += words[j] >= cut64
+    return kept.sum()
+
+
+def _serial_twin(kernel: Any) -> Any:
+    """The same kernel compiled without threads (``prange`` runs as ``range``),
+    for small tensors: waking a thread pool costs more than their work, and much
+    more when torch's own OpenMP threads are still spinning on the cores. It
+    has its own name, so the two never share a cache entry."""
+    source = kernel.py_func
+    twin = pytypes.FunctionType(
+        source.__code__, source.__globals__, f"{source.__name__}_serial"
+    )
+    twin.__qualname__ = f"{source.__qualname__}_serial"
+    twin.__doc__ = source.__doc__
+    return numba.njit(**JIT)(twin)
+
+
+dropout_kernel_serial = _serial_twin(dropout_kernel)
+count_kernel_serial = _serial_twin(count_kernel)
+
+
+# -- host wrappers ---------------------------------------------------------------------
+_BITS = {torch.bfloat16: torch.uint16, torch.float16: torch.int16}
+
+
+def _pick(parallel: Any, serial: Any, numel: int) -> Any:
+    """``parallel`` on ``torch.get_num_threads()`` threads when there is more than
+    one chunk to share, else ``serial``."""
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if threads < 2 or numel <= CHUNK:
+        return serial
+    numba.set_num_threads(threads)
+    return parallel
+
+
+def dropout_forward(x: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:
+    r"""A new tensor ``x * γ`` where the Philox word of element ``i`` keeps it,
+    else 0: ``x`` a contiguous CPU float tensor, ``0 < p < 1``,
+    ``0 <= seed < 2^63``. :math:`\gamma = 1/(1-p)` is rounded to the compute
+    dtype, as ``x * gamma`` does in torch."""
+    out = torch.empty_like(x)
+    _prefer_huge_pages(out)
+    bits = _BITS.get(x.dtype, x.dtype)
+    wide = rules.compute_dtype(x.dtype) == torch.float64
+    scale = (np.float64 if wide else np.float32)(1.0 / (1.0 - p))
+    kernel = _pick(dropout_kernel, dropout_kernel_serial, x.numel())
+    kernel(
+        x.view(bits).reshape(-1).numpy(),
+        out.view(bits).reshape(-1).numpy(),
+        philox.threshold(p),
+        scale,
+        np.uint64(seed),
+        np.uint64(offset),
+    )
+    return out
+
+
+def count_kept(numel: int, p: float, seed: int, offset: int) -> int:
+    """How many of ``numel`` elements the mask of :func:`dropout_forward` keeps,
+    generated without reading or writing a tensor: ``0 <= p <= 1``."""
+    if p == 1.0 or numel == 0:
+        return 0  # the threshold 2^32 does not fit a word; nothing is kept
+    kernel = _pick(count_kernel, count_kernel_serial, numel)
+    return int(kernel(numel, philox.threshold(p), np.uint64(seed), np.uint64(offset)))
+
+
+_HUGE_PAGE = 1 << 21
+_MADV_HUGEPAGE = 14
+
+
+@functools.cache
+def _madvise() -> Any | None:
+    """libc's ``madvise``, or None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
+
+
+def _prefer_huge_pages(t: torch.Tensor) -> None:
+    """Ask Linux for 2 MiB pages under a fresh, untouched output: faulting a
+    64 MiB output in 4 KiB pages costs as much as the dropout itself, and
+    ``MADV_HUGEPAGE`` (honoured where transparent huge pages are ``madvise`` or
+    ``always``) makes it 32 faults. Only advice: a refusal is ignored."""
+    first = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+    stop = (t.data_ptr() + t.numel() * t.element_size()) // _HUGE_PAGE * _HUGE_PAGE
+    madvise = _madvise() if stop - first >= 2 * _HUGE_PAGE else None
+    if madvise is not None:
+        madvise(first, stop - first, _MADV_HUGEPAGE)
