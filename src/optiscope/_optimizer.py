@@ -13,8 +13,9 @@ changes, so a refused step leaves the optimizer and the model bit-identical.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -41,7 +42,9 @@ class GroupWork:
     options: dict[str, Any]
     params: list[torch.Tensor]
     states: list[dict[str, Any]]
-    labels: list[str]
+    labels: Sequence[str]
+    #: Whether :meth:`OptiscopeOptimizer._plan` made state to keep.
+    new: bool = True
 
 
 class OptiscopeOptimizer(torch.optim.Optimizer):
@@ -194,7 +197,7 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
                 self._check_tensors(work)  # the same refusal, naming the parameter
                 raise
             for w in works:
-                for p, state in zip(w.params, w.states, strict=True):
+                for p, state in zip(w.params, w.states, strict=True) if w.new else ():
                     if self.state.get(p) is not state:
                         self.state[p].update(state)
 
@@ -212,43 +215,68 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
             params = self._params_with_grad(group)
             if not params:
                 continue
-            names = _labels(group, index)
-            position = {id(p): i for i, p in enumerate(group["params"])}
             states = []
+            new_state = False
+            get = self.state.get
             for p in params:
-                state = self.state.get(p)
+                state = get(p)
                 new = self._new_state(p, options, state or {})
-                states.append({**state, **new} if new and state else new or state)
+                if new:
+                    new_state = True
+                    state = {**state, **new} if state else new
+                states.append(state)
             work = GroupWork(
-                index,
-                group,
-                options,
-                params,
-                states,
-                [names[position[id(p)]] for p in params],
+                index, group, options, params, states, _Labels(group, index, params)
             )
+            work.new = new_state
             if works:  # the first group is checked by its operator (see _apply)
                 self._check_tensors(work)
             works.append(work)
         return works
 
     def _params_with_grad(self, group: dict[str, Any]) -> list[torch.Tensor]:
-        params = []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise TypeError(
-                    f"{type(self).__name__} does not support sparse gradients; "
-                    f"use {self._sparse_alternative} for sparse parameters"
-                )
-            if p.dtype not in rules.SUPPORTED_DTYPES:
-                raise TypeError(
-                    f"{type(self).__name__} updates float64, float32, bfloat16 and "
-                    f"float16 parameters, got a parameter of dtype {p.dtype}"
-                )
-            params.append(p)
+        params = [p for p in group["params"] if p.grad is not None]
+        if set(map(_LAYOUT, map(_GRAD, params))) - _STRIDED:
+            raise TypeError(
+                f"{type(self).__name__} does not support sparse gradients; "
+                f"use {self._sparse_alternative} for sparse parameters"
+            )
+        dtypes = set(map(_DTYPE, params))
+        if not dtypes <= _SUPPORTED:
+            raise TypeError(
+                f"{type(self).__name__} updates float64, float32, bfloat16 and "
+                f"float16 parameters, got a parameter of dtype "
+                f"{min(dtypes - _SUPPORTED, key=str)}"
+            )
         return params
+
+
+_GRAD = attrgetter("grad")
+_LAYOUT = attrgetter("layout")
+_DTYPE = attrgetter("dtype")
+_STRIDED = {torch.strided}
+_SUPPORTED = frozenset(rules.SUPPORTED_DTYPES)
+
+
+class _Labels(Sequence[str]):
+    """The names of a group's parameters with a gradient, made only when an
+    error needs one (a step of 200 parameters would otherwise build 200
+    strings it never reads)."""
+
+    def __init__(
+        self, group: dict[str, Any], index: int, params: list[torch.Tensor]
+    ) -> None:
+        self._group, self._index, self._params = group, index, params
+
+    def __len__(self) -> int:
+        return len(self._params)
+
+    def __getitem__(self, row):  # type: ignore[override]
+        if isinstance(row, slice):
+            return [self[i] for i in range(len(self))[row]]
+        names = _labels(self._group, self._index)
+        position = {id(p): i for i, p in enumerate(self._group["params"])}
+        return names[position[id(self._params[row])]]
 
 
 def _labels(group: dict[str, Any], index: int) -> list[str]:

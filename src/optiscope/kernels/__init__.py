@@ -27,8 +27,10 @@ import torch
 
 from .. import _checks
 from . import dispatch, ops, philox, rows, torch_rule
-from .gate import check_rows, is_plain
+from .gate import PLAIN_TYPES, check_rows, is_plain
 from .records import AdamBatch, AdamHyper, MomentumBatch, MomentumHyper
+
+_PLAIN = frozenset(PLAIN_TYPES)
 
 __all__ = [
     "adam_",
@@ -76,6 +78,9 @@ def _route(
 ) -> tuple[list[int], list[list[torch.Tensor] | None], list[int]]:
     """Rows for the operator (with their tensors, DTensors as local shards) and
     rows for the per-tensor rule."""
+    if all(set(map(type, c)) <= _PLAIN for c in columns if c is not None):
+        # Every tensor plain: the usual case, decided in one scan.
+        return list(range(len(columns[0]))), list(columns), []
     fused: list[int] = []
     local: list[list[torch.Tensor] | None] = [
         None if c is None else [] for c in columns
@@ -97,7 +102,12 @@ def _pick(column: Sequence | None, picked: list[int]) -> list | None:
     return None if column is None else [column[i] for i in picked]
 
 
-def _labels(labels: Sequence[str] | None, picked: list[int]) -> list[str]:
+def _labels(
+    labels: Sequence[str] | None, picked: list[int], total: int
+) -> Sequence[str] | None:
+    """The labels of rows ``picked`` out of ``total`` (read only on an error)."""
+    if len(picked) == total:
+        return labels
     return [labels[i] if labels is not None else f"params[{i}]" for i in picked]
 
 
@@ -148,14 +158,16 @@ def _check(columns, labels, make_columns) -> None:
     # reach only its fake implementation.
     check_rows(
         make_columns(local),
-        labels=_labels(labels, fused),
+        labels=_labels(labels, fused, len(columns[0])),
         addresses=not _compiling(),
         plain=not any(_traced(t) for t in local[0]),
     )
     if per_tensor:
         picked = [_pick(c, per_tensor) for c in columns]
         check_rows(
-            make_columns(picked), labels=_labels(labels, per_tensor), plain=False
+            make_columns(picked),
+            labels=_labels(labels, per_tensor, len(columns[0])),
+            plain=False,
         )
 
 
@@ -187,7 +199,7 @@ def momentum_(
         picked = [_pick(c, per_tensor) for c in columns]
         check_rows(
             dispatch.momentum_columns(MomentumBatch(*picked)),
-            labels=_labels(None, per_tensor),
+            labels=_labels(None, per_tensor, len(columns[0])),
             plain=False,
         )
     if fused:
@@ -252,7 +264,7 @@ def adam_(
         picked = [_pick(c, per_tensor) for c in columns]
         check_rows(
             dispatch.adam_columns(AdamBatch(*picked[:5], []), amsgrad),
-            labels=_labels(None, per_tensor),
+            labels=_labels(None, per_tensor, len(columns[0])),
             plain=False,
         )
         dispatch.check_steps(picked[5], len(per_tensor), None)

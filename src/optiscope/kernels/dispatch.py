@@ -21,6 +21,7 @@ import functools
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from operator import attrgetter, methodcaller
 from types import ModuleType
 
 import numpy as np
@@ -28,7 +29,7 @@ import torch
 
 from .. import _checks, rules
 from . import rows, torch_rule
-from .gate import Column, check_rows, is_plain
+from .gate import PLAIN_TYPES, Column, Inspection, check_rows, is_plain
 from .records import AdamBatch, AdamHyper, MomentumBatch, MomentumHyper
 
 _warned: set[tuple[str, torch.dtype]] = set()
@@ -42,16 +43,14 @@ def momentum(
 ) -> None:
     """:func:`optiscope.rules.momentum_step` on every row of ``batch``, fused."""
     columns = momentum_columns(batch)
-    check_rows(columns, labels=labels)
+    seen = check_rows(columns, labels=labels)
     table = _stats_table(stats, len(batch.params), rows.MOMENTUM)
-    _run(
-        columns,
-        table,
-        rows.MOMENTUM,
-        lambda backend, tensors, part: backend.momentum_(
-            MomentumBatch(*tensors), hyper, part
-        ),
-    )
+
+    def call(backend: ModuleType, tensors, part, picked, memory) -> None:
+        extra = {} if memory is None else {"memory": memory}
+        backend.momentum_(MomentumBatch(*tensors), hyper, part, **extra)
+
+    _run(columns, seen, table, rows.MOMENTUM, call)
 
 
 def adam(
@@ -65,17 +64,20 @@ def adam(
     ``steps[i]`` (a one-element tensor) is advanced by one first.
     ``batch.corrections`` is ignored: they are computed here from ``steps``."""
     columns = adam_columns(batch, hyper.amsgrad)
-    check_rows(columns, labels=labels)
+    seen = check_rows(columns, labels=labels)
     check_steps(steps, len(batch.params), labels)
     table = _stats_table(stats, len(batch.params), rows.ADAM)
     corrections = advance(steps, hyper)
 
-    def call(backend: ModuleType, tensors: list[list[torch.Tensor]], part, picked):
+    def call(backend: ModuleType, tensors, part, picked, memory) -> None:
         m_max = tensors[4] if hyper.amsgrad else None
-        sub = AdamBatch(*tensors[:4], m_max, [corrections[i] for i in picked])
-        backend.adam_(sub, hyper, part)
+        mine = corrections if len(picked) == len(corrections) else None
+        mine = mine or [corrections[i] for i in picked]
+        sub = AdamBatch(*tensors[:4], m_max, mine)
+        extra = {} if memory is None else {"memory": memory}
+        backend.adam_(sub, hyper, part, **extra)
 
-    _run(columns, table, rows.ADAM, call, pass_rows=True)
+    _run(columns, seen, table, rows.ADAM, call)
 
 
 def momentum_columns(batch: MomentumBatch) -> list[Column]:
@@ -120,14 +122,39 @@ def advance(
     """Add one to every counter; return each row's bias corrections."""
     if not steps:
         return []
-    torch._foreach_add_(list(steps), 1)
-    counts = torch.stack([t.reshape(()).to("cpu", torch.float64) for t in steps])
+    steps = list(steps)
+    if _float32_cpu_counters(steps):  # torch's own kind of counter: one pass
+        counts = (
+            _cpu()
+            .advance_steps(np.fromiter(map(_ADDRESS, steps), np.int64, len(steps)))
+            .tolist()
+        )
+    else:  # counters of other dtypes or devices (a loaded checkpoint, say)
+        torch._foreach_add_(steps, 1)
+        counts = [t.item() for t in steps]
     corrections = functools.cache(
         lambda t: rules.bias_corrections(
             hyper.beta1, hyper.beta2, t, hyper.bias_correction
         )
     )
-    return [corrections(int(t)) for t in counts.tolist()]
+    return [corrections(int(t)) for t in counts]
+
+
+def _float32_cpu_counters(steps: list[torch.Tensor]) -> bool:
+    return (
+        set(map(type, steps)) <= _PLAIN
+        and set(map(_DTYPE, steps)) == _FLOAT32
+        and set(map(_DEVICE_TYPE, steps)) == _CPU
+        and set(map(_NUMEL, steps)) == _ONE
+    )
+
+
+_PLAIN = frozenset(PLAIN_TYPES)
+_FLOAT32, _CPU, _ONE = {torch.float32}, {True}, {1}
+_DTYPE = attrgetter("dtype")
+_DEVICE_TYPE = attrgetter("is_cpu")
+_NUMEL = methodcaller("numel")
+_ADDRESS = methodcaller("data_ptr")
 
 
 def _stats_table(
@@ -181,25 +208,34 @@ def _dense(t: torch.Tensor) -> bool:
 
 def _run(
     columns: list[Column],
+    seen: Inspection,
     table: np.ndarray | None,
     layout: tuple[str, ...],
     call: Callable,
-    pass_rows: bool = False,
 ) -> None:
-    by_backend: dict[ModuleType, list[int]] = defaultdict(list)
+    """``call(backend, tensors, rows, picked)`` for each backend's rows."""
     params = columns[0].tensors
-    for i, p in enumerate(params):
-        if p.numel() > 0:
-            by_backend[_backend(p)].append(i)
-    for backend, picked in by_backend.items():
-        flat = [_flat([c.tensors[i] for c in columns]) for i in picked]
-        tensors = [[row[k][0] for row in flat] for k in range(len(columns))]
-        part = None if table is None else fresh_rows(len(picked), layout)
-        if pass_rows:
-            call(backend, tensors, part, picked)
+    memory = None
+    if seen.simple and seen.device is not None:  # the usual case, no per-row work
+        backend = _backend(params[0])
+        routes = {backend: list(range(len(params)))}
+        if backend is _cpu():  # the kernels take the addresses the gate read
+            memory = seen.memory
+    else:
+        routes = defaultdict(list)
+        for i, p in enumerate(params):
+            if p.numel() > 0:
+                routes[_backend(p)].append(i)
+    for backend, picked in routes.items():
+        if seen.simple:
+            flat = None
+            tensors = [list(c.tensors) for c in columns]
         else:
-            call(backend, tensors, part)
-        for i, row in zip(picked, flat, strict=True):
+            flat = [_flat([c.tensors[i] for c in columns]) for i in picked]
+            tensors = [[row[k][0] for row in flat] for k in range(len(columns))]
+        part = None if table is None else fresh_rows(len(picked), layout)
+        call(backend, tensors, part, picked, memory)
+        for i, row in zip(picked, flat, strict=True) if flat else ():
             for column, (view, is_copy) in zip(columns, row, strict=True):
                 if is_copy and column.written:
                     column.tensors[i].copy_(view)
@@ -208,13 +244,17 @@ def _run(
                 torch_rule.combine_row(table[i], part[j], layout)
 
 
+def _cpu() -> ModuleType:
+    # Imported on the first CPU step, not with optiscope: numba's import and
+    # cache load take about a second.
+    from . import cpu
+
+    return cpu
+
+
 def _backend(t: torch.Tensor) -> ModuleType:
     if t.device.type == "cpu":
-        # Imported on the first CPU step, not with optiscope: numba's import
-        # and cache load take about a second.
-        from . import cpu
-
-        return cpu
+        return _cpu()
     if t.device.type == "cuda":
         triton = _triton()
         if triton is not None:
