@@ -63,6 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import rules
 from . import rows
 from .philox import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1, ROUNDS, threshold
 from .records import AdamBatch, AdamHyper, MomentumBatch, MomentumHyper
@@ -687,13 +688,20 @@ def _dropout_kernel(
     tl.store(y_ptr + offs, _round_to(y, y_ptr.dtype.element_ty), mask=mask)
 
 
-def dropout_forward(x: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:
+def dropout_forward(
+    x: torch.Tensor,
+    p: float,
+    seed: int,
+    offset: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     r"""Inverted dropout :math:`y = \gamma\, d \circ x` with the Philox mask of ``(seed, offset)``.
 
     ``d_i = 1`` iff ``philox.random_words(n, seed, offset)[i] >= threshold(p)``;
     :math:`\gamma = 1/(1-p)` in float32 (float64 for float64 input), and
     low-precision inputs are scaled in float32 and rounded once. ``0 < p < 1``;
-    returns a new contiguous tensor.
+    returns a new contiguous tensor, or writes over ``out`` (``x`` itself, when
+    contiguous: each element is loaded before its own slot is stored).
     """
     if not 0.0 < p < 1.0:
         raise ValueError(f"p must be in (0, 1) for the dropout kernel, got {p!r}")
@@ -701,8 +709,10 @@ def dropout_forward(x: torch.Tensor, p: float, seed: int, offset: int) -> torch.
         raise ValueError(f"seed must be in [0, 2**63), got {seed!r}")
     if not 0 <= offset < 2**64:
         raise ValueError(f"offset must be in [0, 2**64), got {offset!r}")
+    if out is not None and (out is not x or not x.is_contiguous()):
+        raise ValueError("out must be x itself, and contiguous")
     x = x.contiguous()  # the mask's element i is the i-th in row-major order
-    y = torch.empty_like(x)
+    y = torch.empty_like(x) if out is None else out
     numel = x.numel()
     if numel == 0:
         return y
@@ -726,11 +736,15 @@ def dropout_forward(x: torch.Tensor, p: float, seed: int, offset: int) -> torch.
 
 
 def dropout_backward(
-    grad_y: torch.Tensor, p: float, seed: int, offset: int
+    grad_y: torch.Tensor,
+    p: float,
+    seed: int,
+    offset: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r""":math:`\partial x = \gamma\, d \circ \partial y`: the forward function again,
     with the same ``(seed, offset)``, so the mask is regenerated, never stored."""
-    return dropout_forward(grad_y, p, seed, offset)
+    return dropout_forward(grad_y, p, seed, offset, out)
 
 
 # --- host helpers ------------------------------------------------------------
@@ -747,7 +761,7 @@ def _float(bits: int) -> float:
 
 
 def _computes_in_fp64(*tensors: torch.Tensor) -> bool:
-    return any(t.dtype == torch.float64 for t in tensors)
+    return rules.compute_dtype(*(t.dtype for t in tensors)) == torch.float64
 
 
 def _by_device(params: list[torch.Tensor]) -> Iterator[tuple[torch.device, list[int]]]:
