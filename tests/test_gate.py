@@ -112,6 +112,11 @@ FAULTS = {
         ValueError,
         r"exp_avg of parameter 'group1\.param1' stores one element for several",
     ),
+    "sparse state": (
+        _state("exp_avg", lambda p, s: s.to_sparse()),
+        TypeError,
+        r"exp_avg of parameter 'group1\.param1' is a Tensor with layout torch\.sparse_coo",
+    ),
     "state on another device": (
         _state("exp_avg", lambda p, s: s.to("meta")),
         ValueError,
@@ -124,6 +129,13 @@ FAULTS = {
     ),
 }
 MOMENTUM_FAULTS = {
+    "sparse buffer in the first group": (
+        lambda opt, params: opt.state[params[0]].update(
+            momentum_buffer=opt.state[params[0]]["momentum_buffer"].to_sparse()
+        ),
+        TypeError,
+        r"momentum_buffer of parameter 'group0\.param0' is a Tensor with layout",
+    ),
     "buffer from a smaller model": (
         _state("momentum_buffer", lambda p, s: torch.zeros(5)),
         ValueError,

@@ -142,7 +142,10 @@ class Case:
         return self.kwargs.get("maximize", False)
 
     def torch_state_as_ours(self, key, value):
-        """torch's state entry in optiscope's convention (SGD's buffer is m/(1−β))."""
+        """torch's state entry in optiscope's convention (SGD's buffer is m/(1−β);
+        the state of a float16 parameter is float32)."""
+        if isinstance(value, torch.Tensor) and value.dtype == torch.float16:
+            value = value.float()
         if key == "momentum_buffer" and value is not None:
             return value * (1 - self.kwargs["momentum"])
         return value

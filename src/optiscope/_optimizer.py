@@ -9,13 +9,22 @@ to check one group's tensors (``_check_tensors``) and how to update them
 A step is atomic: every group is checked (options, gradients, state, every
 tensor through the kernels' gate) before any counter, state or parameter
 changes, so a refused step leaves the optimizer and the model bit-identical.
+
+State dtype: a parameter's state is kept in :func:`default_state_dtype` of its
+dtype (float32 for float16, whose range cannot hold Adam's ``(1−β2)·g²``;
+else the parameter's own), unless Adam's ``state_dtype`` says otherwise. A
+parameter whose dtype changed after its state was made (``model.to(dtype)``
+mid-training) is refused at the next step, naming it; ``load_state_dict``
+migrates state to the current dtypes (see :meth:`OptiscopeOptimizer.step`).
+
+Copies: ``copy.deepcopy``, ``pickle`` and ``torch.save`` keep the probe with
+the optimizer (see :meth:`OptiscopeOptimizer.__getstate__`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -56,6 +65,10 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
     #: Which per-tensor sums a probed step fills (see :mod:`optiscope.kernels.rows`).
     _probe_layout: tuple[str, ...]
 
+    #: The state tensors of a parameter, in the dtype of :meth:`_state_dtype`;
+    #: the first is always present once the parameter has state.
+    _state_tensors: tuple[str, ...]
+
     def __init__(
         self, params: ParamsT, defaults: dict[str, Any], *, probe: bool = False
     ) -> None:
@@ -90,8 +103,34 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
         """Update the group; with ``stats``, also fill one probe row per tensor."""
         raise NotImplementedError
 
+    def _state_dtype(self, dtype: torch.dtype, options: dict[str, Any]) -> torch.dtype:
+        """The dtype of the state of a parameter of ``dtype`` in a group with
+        ``options``."""
+        return default_state_dtype(dtype)
+
     def _after_load(self, state_dict: dict[str, Any]) -> None:
-        """Adjust the state torch loaded, before it is checked."""
+        """Give each loaded state tensor the dtype of :meth:`_state_dtype`.
+
+        torch casts every floating-point state to its parameter's dtype on load,
+        which would round float32 moments of a float16 parameter (or those of a
+        group with a ``state_dtype``) to the parameter's dtype; where the state
+        dtype is not the parameter's, the state is restored from the saved
+        tensor instead, so a checkpoint round trip is bit for bit.
+        """
+        saved = state_dict["state"]
+        groups = zip(self.param_groups, state_dict["param_groups"], strict=True)
+        for group, saved_group in groups:
+            options = {**self.defaults, **group}
+            for param, key in zip(group["params"], saved_group["params"], strict=True):
+                dtype = self._state_dtype(param.dtype, options)
+                if dtype == param.dtype or not param.is_floating_point():
+                    continue
+                for name in self._state_tensors:
+                    value = saved.get(key, {}).get(name)
+                    if isinstance(value, torch.Tensor) and value.is_floating_point():
+                        self.state[param][name] = value.to(
+                            device=param.device, dtype=dtype, copy=True
+                        )
 
     def _load_state_check(
         self, param: torch.Tensor, group: dict[str, Any], state: dict[str, Any]
@@ -108,8 +147,23 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
         options = {k: checked[k] for k in param_group if k != "params" and k in checked}
         super().add_param_group({**param_group, **options})
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy``, ``pickle`` and ``torch.save`` keep: torch's
+        ``defaults``, ``state`` and ``param_groups``, and the probe.
+
+        A copy steps bit for bit as the original would. Its probe keeps the
+        configuration (``every``, the step count, the sinks by kind) and a copy
+        of the records so far; a file or TensorBoard sink in the copy is
+        detached (see :mod:`optiscope.probes.sinks`). Hooks are not kept, as in
+        torch. ``state_dict()`` never holds probe state.
+        """
+        return {**super().__getstate__(), "_probe": self._probe}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        # A pickle made before probes travelled with the optimizer has none;
+        # load_state_dict also calls this, without "_probe", and keeps the probe.
+        self.__dict__.setdefault("_probe", None)
         # torch adds "differentiable" to the defaults; it is not an option of ours
         # and must not appear in the groups (state_dict round trips stay equal).
         own = [k for k in self.defaults if k != "differentiable"]
@@ -153,6 +207,12 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
 
         ``closure`` re-evaluates the model and returns the loss, as in
         ``torch.optim``; it runs with gradients enabled and its loss is returned.
+
+        A parameter whose state has another dtype than :meth:`_state_dtype` of
+        the parameter's dtype (it was converted, e.g. by ``model.to(dtype)``,
+        after its state was made) is refused with a ``TypeError`` naming it, as
+        torch.optim refuses it; ``optimizer.load_state_dict(
+        optimizer.state_dict())`` migrates the state to the new dtype.
         """
         loss = None
         if closure is not None:
@@ -193,8 +253,10 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
                 continue
             try:
                 self._update(work, table)
-            except (TypeError, ValueError):
-                self._check_tensors(work)  # the same refusal, naming the parameter
+            except (TypeError, ValueError, RuntimeError):
+                # The same refusal, naming the parameter (torch's dispatcher
+                # refuses a sparse tensor before the operator's own checks).
+                self._check_tensors(work)
                 raise
             for w in works:
                 for p, state in zip(w.params, w.states, strict=True) if w.new else ():
@@ -225,6 +287,7 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
                     new_state = True
                     state = {**state, **new} if state else new
                 states.append(state)
+            self._check_state_dtypes(group, index, options, params, states)
             work = GroupWork(
                 index, group, options, params, states, _Labels(group, index, params)
             )
@@ -234,14 +297,52 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
             works.append(work)
         return works
 
+    def _check_state_dtypes(
+        self,
+        group: dict[str, Any],
+        index: int,
+        options: dict[str, Any],
+        params: list[torch.Tensor],
+        states: list[dict[str, Any]],
+    ) -> None:
+        """Raise if a parameter's state is not in the dtype its state belongs in.
+
+        The kernels would step a float64 parameter with float32 state without
+        complaint (the gate allows a ``state_dtype``), so a ``model.to(dtype)``
+        after the state was made is caught here; one dtype per group is the
+        usual case, decided in two scans.
+        """
+        key = self._state_tensors[0]
+        param_dtypes = [p.dtype for p in params]
+        found = [getattr(s.get(key), "dtype", None) for s in states]
+        expected = {d: self._state_dtype(d, options) for d in set(param_dtypes)}
+        if len(expected) == 1 and set(found) == set(expected.values()):
+            return
+        for row, (dtype, have) in enumerate(zip(param_dtypes, found, strict=True)):
+            # A state that is no tensor or of an unsupported dtype is the gate's
+            # to refuse, with its own message; here only a float state that
+            # belongs to another parameter dtype.
+            if have in _SUPPORTED and have != expected[dtype]:
+                label = _Labels(group, index, params)[row]
+                raise TypeError(
+                    f"parameter {label!r} is {dtype} but its {key} is {have}: the "
+                    "parameter's dtype changed after its state was made (model.to("
+                    f"dtype) mid-training?). {type(self).__name__} keeps the state "
+                    f"of a {dtype} parameter in {expected[dtype]}. To continue, "
+                    "migrate the state explicitly with "
+                    "optimizer.load_state_dict(optimizer.state_dict())"
+                )
+
     def _params_with_grad(self, group: dict[str, Any]) -> list[torch.Tensor]:
         params = [p for p in group["params"] if p.grad is not None]
-        if set(map(_LAYOUT, map(_GRAD, params))) - _STRIDED:
+        # Comprehensions, not map(attrgetter): torch.compile traces this, and
+        # dynamo cannot call an attrgetter.
+        if {p.grad.layout for p in params} - _STRIDED:
             raise TypeError(
                 f"{type(self).__name__} does not support sparse gradients; "
                 f"use {self._sparse_alternative} for sparse parameters"
             )
-        dtypes = set(map(_DTYPE, params))
+        dtypes = {p.dtype for p in params}
         if not dtypes <= _SUPPORTED:
             raise TypeError(
                 f"{type(self).__name__} updates float64, float32, bfloat16 and "
@@ -251,9 +352,6 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
         return params
 
 
-_GRAD = attrgetter("grad")
-_LAYOUT = attrgetter("layout")
-_DTYPE = attrgetter("dtype")
 _STRIDED = {torch.strided}
 _SUPPORTED = frozenset(rules.SUPPORTED_DTYPES)
 
@@ -277,6 +375,18 @@ class _Labels(Sequence[str]):
         names = _labels(self._group, self._index)
         position = {id(p): i for i, p in enumerate(self._group["params"])}
         return names[position[id(self._params[row])]]
+
+
+def default_state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a parameter's optimizer state is kept in by default: float32 for
+    float16 (whose smallest normal number, 6.1e-5, and flush to 0 below 6e-8
+    would lose ``(1−β2)·g²`` for typical gradients, and with it the step size),
+    else the parameter's own dtype (bfloat16 has float32's range).
+
+    >>> default_state_dtype(torch.float16), default_state_dtype(torch.bfloat16)
+    (torch.float32, torch.bfloat16)
+    """
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def _labels(group: dict[str, Any], index: int) -> list[str]:

@@ -8,7 +8,13 @@ import numpy as np
 import torch
 
 from . import _checks, kernels, rules
-from ._optimizer import GroupWork, OptiscopeOptimizer, ParamsT, check_state_tensor
+from ._optimizer import (
+    GroupWork,
+    OptiscopeOptimizer,
+    ParamsT,
+    check_state_tensor,
+    default_state_dtype,
+)
 from .kernels import rows as layout
 
 
@@ -31,9 +37,16 @@ class Adam(OptiscopeOptimizer):
     ``probe=True`` measures every step in the same pass (see
     :mod:`optiscope.probes`); the latest values are in ``optimizer.probes``.
 
-    ``state_dtype`` stores ``exp_avg``/``exp_avg_sq`` in another dtype than the
-    parameter (e.g. ``torch.float32`` for bfloat16 weights, or ``torch.bfloat16``
-    to halve state memory for float32 weights); the arithmetic is float32 either way.
+    ``state_dtype`` is the dtype of ``exp_avg``/``exp_avg_sq`` (and
+    ``max_exp_avg_sq``). ``None`` (default) keeps them in float32 for float16
+    parameters and in the parameter's dtype otherwise: float16's range cannot
+    hold :math:`(1-\beta_2) g^2` (0 below :math:`|g| \approx 5\cdot10^{-3}` with
+    :math:`\beta_2 = 0.999`), and an underflowed :math:`v` makes steps of
+    thousands of times ``lr``. ``torch.float32`` suits bfloat16 weights,
+    ``torch.bfloat16`` halves state memory for float32 weights;
+    ``torch.float16`` is refused. The arithmetic is float32 (or float64) either
+    way. A parameter whose dtype changes after its state was made is refused
+    at the next step (see :meth:`OptiscopeOptimizer.step`).
 
     Example:
         >>> import torch, optiscope
@@ -46,6 +59,7 @@ class Adam(OptiscopeOptimizer):
     """
 
     _probe_layout = layout.ADAM
+    _state_tensors = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def __init__(
         self,
@@ -90,39 +104,28 @@ class Adam(OptiscopeOptimizer):
         ):
             group[name] = _checks.flag(name, group[name])
         state_dtype = group["state_dtype"]
-        if state_dtype is not None and state_dtype not in rules.SUPPORTED_DTYPES:
+        if state_dtype is not None and state_dtype not in _STATE_DTYPES:
+            why = (
+                ": float16 cannot hold Adam's second moment ((1-beta2)*g*g is 0 in "
+                "float16 below |g| ~ 5e-3 with beta2=0.999, and the steps then "
+                "explode)"
+                if state_dtype == torch.float16
+                else ""
+            )
             raise TypeError(
-                "state_dtype must be None (the parameter's dtype) or one of "
-                f"{', '.join(map(str, rules.SUPPORTED_DTYPES))}, got {state_dtype!r}"
+                "state_dtype must be None (float32 for float16 parameters, else the "
+                "parameter's dtype) or one of "
+                f"{', '.join(map(str, _STATE_DTYPES))}, got {state_dtype!r}{why}"
             )
         return group
 
-    def _after_load(self, state_dict: dict[str, Any]) -> None:
-        """Keep ``state_dtype`` across a load.
-
-        torch casts every floating-point state to its parameter's dtype on load,
-        which would round float32 moments of a bfloat16 parameter to bfloat16;
-        the moments of groups with a ``state_dtype`` are restored from the saved
-        tensors instead.
-        """
-        saved = state_dict["state"]
-        groups = zip(self.param_groups, state_dict["param_groups"], strict=True)
-        for group, saved_group in groups:
-            dtype = group.get("state_dtype")
-            if dtype is None:
-                continue
-            for param, key in zip(group["params"], saved_group["params"], strict=True):
-                for name in _MOMENTS:
-                    value = saved.get(key, {}).get(name)
-                    if isinstance(value, torch.Tensor):
-                        self.state[param][name] = value.to(
-                            device=param.device, dtype=dtype, copy=True
-                        )
+    def _state_dtype(self, dtype: torch.dtype, options: dict[str, Any]) -> torch.dtype:
+        return options.get("state_dtype") or default_state_dtype(dtype)
 
     def _load_state_check(
         self, param: torch.Tensor, group: dict[str, Any], state: dict[str, Any]
     ) -> None:
-        dtypes = (group.get("state_dtype") or param.dtype,)
+        dtypes = (self._state_dtype(param.dtype, {**self.defaults, **group}),)
         if "step" not in state:
             raise ValueError("has moments but no step")
         for name in _MOMENTS:
@@ -135,7 +138,7 @@ class Adam(OptiscopeOptimizer):
         self, param: torch.Tensor, options: dict[str, Any], state: dict[str, Any]
     ) -> dict[str, Any]:
         if not state:
-            dtype = options["state_dtype"] or param.dtype
+            dtype = self._state_dtype(param.dtype, options)
 
             def zeros() -> torch.Tensor:
                 return torch.zeros_like(
@@ -199,6 +202,8 @@ class Adam(OptiscopeOptimizer):
 
 
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+#: What ``state_dtype`` may be besides None: float16 is refused (see Adam).
+_STATE_DTYPES = tuple(d for d in rules.SUPPORTED_DTYPES if d != torch.float16)
 
 
 class AdamW(Adam):

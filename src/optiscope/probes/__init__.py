@@ -10,6 +10,12 @@ update; :mod:`.measure` turns those rows into the numbers below.
 layers: the observed keep rate, and a one-time warning when one runs in
 training mode with gradients off (a forgotten ``model.eval()``).
 
+A probe travels with a copy of its optimizer or module (``copy.deepcopy``,
+``pickle``, ``torch.save``): the copy's probe has the same configuration
+(``every``, the count of calls, the sinks by kind) and a copy of the records
+so far, and goes on from there; file and TensorBoard sinks in the copy are
+detached until reopened (see :mod:`.sinks`).
+
 Example:
     >>> import torch, optiscope
     >>> w = torch.nn.Parameter(torch.ones(4))
@@ -32,11 +38,20 @@ from torch import nn
 
 from ..kernels import rows as layout
 from . import measure
-from .sinks import CallbackSink, CSVSink, History, JSONLSink, Sink, TensorBoardSink
+from .sinks import (
+    CallbackSink,
+    CSVSink,
+    DetachedSinkWarning,
+    History,
+    JSONLSink,
+    Sink,
+    TensorBoardSink,
+)
 
 __all__ = [
     "CSVSink",
     "CallbackSink",
+    "DetachedSinkWarning",
     "DropoutProbe",
     "ForgottenEvalWarning",
     "History",
@@ -105,6 +120,15 @@ class OptimizerProbe(_Probe):
         self._trackers: dict[int, measure.MomentumTracker] = {}
         self._step_groups: list[tuple] = []
         self._pending: list[tuple[int, list[tuple]]] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The layout is compared by identity with kernels.rows' tuples; a copy
+        # takes it from the optimizer's class again instead of an equal tuple.
+        return {k: v for k, v in self.__dict__.items() if k != "layout"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.layout = type(self.optimizer)._probe_layout
 
     # -- called by the optimizer's step --------------------------------------------
     def wants_this_step(self) -> bool:

@@ -7,6 +7,16 @@ A record is one step of one probed object, a plain dict::
 Every sink receives the same dicts; ``flatten`` turns one into
 ``(scope, metric, value)`` triples for the tabular sinks, leaving out
 list-valued entries such as histograms (those are in the JSONL).
+
+Copies (``copy.deepcopy``, ``pickle``, ``torch.save`` of a probed optimizer or
+model): a :class:`History` is copied with its records. A file or TensorBoard
+sink keeps its path but not its open file: the copy is *detached*. Its first
+write warns once (:class:`DetachedSinkWarning`) and records then reach only
+the probe's history, so a copy never interleaves its records with the
+original's in one file, nor creates a file from another working directory.
+``sink.reopen()`` on the copy appends to the file again. A
+:class:`CallbackSink` keeps its function (pickling it needs a picklable
+function, as pickle always does).
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -68,32 +79,113 @@ class History:
         pass
 
 
-class JSONLSink:
-    """One JSON object per line and step, flushed at once so a crash loses nothing."""
+class DetachedSinkWarning(UserWarning):
+    """A copied file or TensorBoard sink was written to: it writes nowhere until
+    ``reopen()`` is called on it."""
+
+
+class _Detachable:
+    """A sink with an open resource (a file, a SummaryWriter) that a copy does not
+    share: a copy keeps the location and is detached until :meth:`reopen`."""
+
+    #: The attributes holding the open resource, dropped from a copy.
+    _open_attributes: tuple[str, ...] = ()
+    _warned = False
+
+    @property
+    def detached(self) -> bool:
+        """True for a copy that has not been reopened: records go nowhere."""
+        return getattr(self, self._open_attributes[0]) is None
+
+    def reopen(self) -> _Detachable:
+        """Open the location again (appending to a file); a no-op if open."""
+        if self.detached:
+            self._open()
+            self._warned = False
+        return self
+
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def _writable(self) -> bool:
+        """Whether a record can be written; warns once where it cannot."""
+        if not self.detached:
+            return True
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"{self!r} is a copy (copy.deepcopy, pickle or torch.save) and is "
+                "detached: records still reach the probe's history, not this sink. "
+                "Call reopen() on it to append to the same location again.",
+                DetachedSinkWarning,
+                stacklevel=4,
+            )
+        return False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # An open file cannot be pickled, and two objects writing one file would
+        # interleave their records: the copy keeps the location only.
+        state = dict(self.__dict__)
+        for name in self._open_attributes:
+            state[name] = None
+        state["_warned"] = False
+        return state
+
+
+class JSONLSink(_Detachable):
+    """One JSON object per line and step, flushed at once so a crash loses nothing.
+
+    Appends to ``path``. A copy is detached until :meth:`reopen` (see the module).
+    """
+
+    _open_attributes = ("handle",)
 
     def __init__(self, path: str | Path) -> None:
-        self.handle = Path(path).open("a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        self.path = Path(path).absolute()
+        self._open()
+
+    def _open(self) -> None:
+        self.handle = self.path.open("a", encoding="utf-8")
+
+    def __repr__(self) -> str:
+        return f"JSONLSink({str(self.path)!r})"
 
     def write(self, record: dict[str, Any]) -> None:
-        self.handle.write(json.dumps(record, allow_nan=True) + "\n")
-        self.handle.flush()
+        if self._writable():
+            self.handle.write(json.dumps(record, allow_nan=True) + "\n")
+            self.handle.flush()
 
     def close(self) -> None:
-        self.handle.close()
+        if self.handle is not None:
+            self.handle.close()
 
 
-class CSVSink:
-    """Long format: ``step,scope,metric,value``; one row per scalar."""
+class CSVSink(_Detachable):
+    """Long format: ``step,scope,metric,value``; one row per scalar.
+
+    Appends to ``path`` (with a header if it is new or empty). A copy is
+    detached until :meth:`reopen` (see the module).
+    """
+
+    _open_attributes = ("handle", "writer")
 
     def __init__(self, path: str | Path) -> None:
-        path = Path(path)
-        fresh = not path.exists() or path.stat().st_size == 0
-        self.handle = path.open("a", newline="", encoding="utf-8")
+        self.path = Path(path).absolute()
+        self._open()
+
+    def _open(self) -> None:
+        fresh = not self.path.exists() or self.path.stat().st_size == 0
+        self.handle = self.path.open("a", newline="", encoding="utf-8")
         self.writer = csv.writer(self.handle, lineterminator="\n")
         if fresh:
             self.writer.writerow(["step", "source", "scope", "metric", "value"])
 
+    def __repr__(self) -> str:
+        return f"CSVSink({str(self.path)!r})"
+
     def write(self, record: dict[str, Any]) -> None:
+        if not self._writable():
+            return
         for scope, metric, value in flatten(record):
             self.writer.writerow(
                 [record["step"], record["source"], scope, metric, repr(value)]
@@ -101,16 +193,25 @@ class CSVSink:
         self.handle.flush()
 
     def close(self) -> None:
-        self.handle.close()
+        if self.handle is not None:
+            self.handle.close()
 
 
-class TensorBoardSink:
+class TensorBoardSink(_Detachable):
     """Scalars as ``source/scope/metric`` through ``torch.utils.tensorboard``.
 
     Needs the ``tensorboard`` package (``pip install optiscope[tensorboard]``).
+    A copy is detached until :meth:`reopen`, which starts a new event file in
+    the same ``log_dir`` (see the module).
     """
 
+    _open_attributes = ("writer",)
+
     def __init__(self, log_dir: str | Path) -> None:
+        self.log_dir = Path(log_dir).absolute()
+        self._open()
+
+    def _open(self) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as error:  # tensorboard itself is missing
@@ -118,9 +219,14 @@ class TensorBoardSink:
                 "TensorBoardSink needs the tensorboard package: "
                 "pip install 'optiscope[tensorboard]'"
             ) from error
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+
+    def __repr__(self) -> str:
+        return f"TensorBoardSink({str(self.log_dir)!r})"
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self._writable():
+            return
         for scope, metric, value in flatten(record):
             if math.isfinite(value):
                 self.writer.add_scalar(
@@ -128,7 +234,8 @@ class TensorBoardSink:
                 )
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 class CallbackSink:
