@@ -313,22 +313,121 @@ def _fold(table, part, picked: list[int], layout) -> None:
 
 
 # -- dropout -------------------------------------------------------------------------
-def dropout_forward(x: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:
+def dropout_forward(
+    x: torch.Tensor,
+    p: float,
+    seed: int | torch.Tensor,
+    offset: int = 0,
+    *,
+    inplace: bool = False,
+) -> torch.Tensor:
     r"""``y = x * (1/(1-p))`` where the Philox word of element ``i`` keeps it, else 0.
 
-    ``0 < p < 1``; ``0 <= seed < 2^63``. The mask is
-    :func:`optiscope.kernels.philox.keep_mask` of ``x.numel()`` elements, and
-    :math:`\gamma = 1/(1-p)` is rounded to the compute dtype, as ``x * gamma``
-    does in torch. The output is contiguous; autograd saves no mask.
+    ``0 < p < 1``; ``0 <= seed < 2^63``, an int or a one-element int64 tensor
+    (what :func:`optiscope.functional.dropout` draws, so that a compiled graph
+    takes it as an input). The mask is :func:`optiscope.kernels.philox.keep_mask`
+    of ``x.numel()`` elements, element ``i`` being ``x``'s ``i``-th in row-major
+    order whatever its strides; :math:`\gamma = 1/(1-p)` is rounded to the
+    compute dtype, as ``x * gamma`` does in torch. The output has ``x``'s
+    strides, or is ``x`` itself with ``inplace``. Autograd saves no tensor, and
+    forward-mode AD and ``torch.func`` transforms (``vmap`` per its
+    ``randomness``) go through the same regenerated mask.
+
+    A ``DTensor`` (in eager mode) keeps its placements, and each element of
+    its shards takes the bit of its index in the whole tensor (see
+    :func:`_dtensor_dropout`).
     """
-    return ops.philox_dropout(x, p, seed, offset)
+    seed = _seed_tensor(seed)
+    if inplace and x.requires_grad and torch.is_grad_enabled():
+        _check_inplace(x)
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace a Function with a custom jvp: the operator itself
+        # carries the same backward, registered with torch.library.
+        y = ops.philox_dropout(x, p, seed, offset)
+        return x.copy_(y) if inplace else y
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(x, dtensor):  # eager only
+        return _dtensor_dropout(x, p, seed, offset, inplace)
+    if not inplace:
+        return ops.apply(ops.PhiloxDropout, x, p, seed, offset)
+    if torch._C._are_functorch_transforms_active():
+        # Transforms see a functional op and an ordinary in-place copy.
+        return x.copy_(ops.PhiloxDropout.apply(x, p, seed, offset))
+    return ops.apply(ops.PhiloxDropoutInplace, x, p, seed, offset)
+
+
+def _check_inplace(x: torch.Tensor) -> None:
+    """torch's refusals of an in-place write, raised before the kernel writes
+    anything (autograd itself would raise only after it)."""
+    if x.is_leaf:
+        raise RuntimeError(
+            "a leaf Variable that requires grad is being used in an in-place "
+            "operation: dropout(inplace=True) would overwrite it"
+        )
+    if x._base is not None and x._base.is_leaf and x._base.requires_grad:
+        raise RuntimeError(
+            "a view of a leaf Variable that requires grad is being used in an "
+            "in-place operation: dropout(inplace=True) would overwrite it"
+        )
+
+
+def _dtensor_dropout(
+    x: torch.Tensor, p: float, seed: torch.Tensor, offset: int, inplace: bool
+) -> torch.Tensor:
+    r"""Dropout of a DTensor with its placements kept: each rank masks its shard
+    with the bits of the shard's global row-major indices, so the result is
+    exactly the unsharded dropout from the same seed (every rank must draw the
+    same seed: seed the ranks' generators alike). ``Partial`` shards are
+    masked alike too: the mask commutes with sum, average, max and min, as
+    :math:`\gamma d \ge 0`."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for placement in x.placements:
+        if type(placement) not in (Shard, Replicate) and not isinstance(
+            placement, Partial
+        ):
+            raise ValueError(
+                f"dropout of a DTensor takes Shard, Replicate and Partial "
+                f"placements, got {placement} in {tuple(x.placements)}"
+            )
+    _, start = compute_local_shape_and_global_offset(
+        x.shape, x.device_mesh, x.placements
+    )
+    # to_local and from_local are differentiable: the gradient reaches the
+    # operator's backward as a local shard in the same placements.
+    local = ops.philox_dropout_box(
+        x.to_local(), p, seed, offset, list(x.shape), list(start)
+    )
+    y = DTensor.from_local(
+        local,
+        x.device_mesh,
+        x.placements,
+        run_check=False,
+        shape=x.shape,
+        stride=x.stride(),
+    )
+    return x.copy_(y) if inplace else y
 
 
 def dropout_backward(
-    grad_y: torch.Tensor, p: float, seed: int, offset: int
+    grad_y: torch.Tensor, p: float, seed: int | torch.Tensor, offset: int = 0
 ) -> torch.Tensor:
     """The gradient of :func:`dropout_forward`: the same mask and scale on ``grad_y``."""
-    return ops.philox_dropout_backward(grad_y, p, seed, offset)
+    return ops.philox_dropout_backward(grad_y, p, _seed_tensor(seed), offset)
+
+
+def _seed_tensor(seed: int | torch.Tensor) -> torch.Tensor:
+    """An int seed as the one-element int64 tensor the operators take."""
+    if isinstance(seed, torch.Tensor):
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(
+            f"seed must be an int or a one-element int64 tensor, got {seed!r}"
+        )
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    return torch.tensor(seed, dtype=torch.int64)
 
 
 def count_kept(numel: int, p: float, seed: int, offset: int) -> int:

@@ -287,12 +287,28 @@ def _warn_once(t: torch.Tensor, why: str) -> None:
 
 
 def dropout(
-    x: torch.Tensor, p: float, seed: int, offset: int, *, backward: bool = False
+    x: torch.Tensor,
+    p: float,
+    seed: int,
+    offset: int,
+    *,
+    backward: bool = False,
+    out: torch.Tensor | None = None,
+    box: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
 ) -> torch.Tensor:
     """Inverted dropout with the Philox mask of ``(seed, offset)``, on ``x``'s device.
 
-    ``x`` (or the incoming gradient, with ``backward``) is read through a
-    contiguous copy where it is not contiguous; the output is contiguous.
+    Element ``i`` of the mask belongs to ``x``'s ``i``-th element in row-major
+    (logical) order, whatever ``x``'s strides: a transposed or ``channels_last``
+    tensor gets the mask of its contiguous copy, on every backend. The result
+    has ``x``'s strides (``torch.empty_like``); with ``out=x`` it is written
+    over ``x`` itself. A non-contiguous ``x`` is computed on a contiguous copy
+    and copied to the result.
+
+    ``box = (global_shape, start)`` makes ``x`` the block at ``start`` of a
+    tensor of ``global_shape`` (a DTensor's shard): each element takes the bit
+    of its row-major index in that tensor. No kernel takes such an index map,
+    so the mask is generated on the host by :mod:`.torch_rule`.
     """
     if _checks.probability("p", p) in (0.0, 1.0):  # no mask to draw: no kernel
         raise ValueError(f"p must be in (0, 1) for a dropout mask, got {p!r}")
@@ -306,10 +322,42 @@ def dropout(
             f"{', '.join(map(str, rules.SUPPORTED_DTYPES))}, got a "
             f"{type(x).__name__} of dtype {x.dtype} and layout {x.layout}"
         )
-    x = x.contiguous()
+    if out is not None and out is not x:
+        raise ValueError(
+            "out must be None or x itself (dropout writes in place only over its "
+            "input), got another tensor"
+        )
     if x.numel() > 0 and x.data_ptr() == 0:
         raise ValueError("dropout input has elements but no memory (address 0)")
-    backend = _backend(x)
-    if backward and backend is not torch_rule and hasattr(backend, "dropout_backward"):
-        return backend.dropout_backward(x, p, seed, offset)
-    return backend.dropout_forward(x, p, seed, offset)
+    if box is not None:
+        _check_box(x, *box)
+        kernel = functools.partial(torch_rule.dropout_forward, box=box)
+    else:
+        backend = _backend(x)
+        if backward and hasattr(backend, "dropout_backward"):
+            kernel = backend.dropout_backward
+        else:
+            kernel = backend.dropout_forward
+    if x.is_contiguous():
+        return kernel(x, p, seed, offset, out=out)
+    flat = x.contiguous()  # a copy of ours: the kernel may overwrite it
+    flat = kernel(flat, p, seed, offset, out=flat)
+    result = x if out is not None else torch.empty_like(x)
+    return result.copy_(flat)
+
+
+def _check_box(
+    x: torch.Tensor, global_shape: tuple[int, ...], start: tuple[int, ...]
+) -> None:
+    """``x`` fits in a tensor of ``global_shape`` at ``start``, dimension by dimension."""
+    if not (
+        len(global_shape) == len(start) == x.dim()
+        and all(
+            s >= 0 and s + n <= g
+            for s, n, g in zip(start, x.shape, global_shape, strict=True)
+        )
+    ):
+        raise ValueError(
+            f"a dropout block of shape {tuple(x.shape)} must fit in global_shape "
+            f"{tuple(global_shape)} at start {tuple(start)}"
+        )

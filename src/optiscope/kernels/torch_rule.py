@@ -167,8 +167,54 @@ def octave_bins(values: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(values), rows.HIST_BINS - 1, bins)
 
 
-def dropout_forward(x: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:
-    """The mask from :func:`philox.keep_mask` on the host, applied with torch ops."""
-    keep = philox.keep_mask(x.numel(), p, seed, offset)
+def dropout_forward(
+    x: torch.Tensor,
+    p: float,
+    seed: int,
+    offset: int,
+    out: torch.Tensor | None = None,
+    *,
+    box: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+) -> torch.Tensor:
+    """The mask from :mod:`.philox` on the host, applied with torch ops; ``x``
+    contiguous, written into ``out`` (``x`` itself, or None for a new tensor).
+    With ``box = (global_shape, start)`` element ``i`` takes the bit of its
+    row-major index in the tensor of ``global_shape`` ``x`` is the block of."""
+    if box is None:
+        keep = philox.keep_mask(x.numel(), p, seed, offset)
+    else:
+        index = box_indices(tuple(x.shape), *box)
+        keep = words_at(index, seed, offset) >= np.uint32(philox.threshold(p))
     keep = torch.from_numpy(keep).to(x.device).view(x.shape)
-    return torch.where(keep, x * (1.0 / (1.0 - p)), 0.0)
+    y = torch.where(keep, x * (1.0 / (1.0 - p)), 0.0)
+    return y if out is None else out.copy_(y)
+
+
+def box_indices(
+    shape: tuple[int, ...], global_shape: tuple[int, ...], start: tuple[int, ...]
+) -> np.ndarray:
+    """The row-major index in a tensor of ``global_shape`` of each element (in
+    row-major order) of its block of ``shape`` at ``start``: a uint64 vector."""
+    index = np.zeros((), np.uint64)
+    stride = 1
+    strides = []
+    for size in reversed(global_shape):
+        strides.append(stride)
+        stride *= size
+    for size, first, step in zip(shape, start, reversed(strides), strict=True):
+        along = (first + np.arange(size, dtype=np.uint64)) * np.uint64(step)
+        index = np.add.outer(index, along)
+    return index.reshape(-1)
+
+
+def words_at(index: np.ndarray, seed: int, offset: int) -> np.ndarray:
+    """``philox.random_words(...)[index]`` without the words in between: the
+    word ``index & 3`` of Philox block ``index >> 2`` for each index."""
+    blocks = index >> np.uint64(2)
+    counter = np.empty((index.size, 4), dtype=np.uint32)
+    counter[:, 0] = blocks & np.uint64(0xFFFFFFFF)
+    counter[:, 1] = blocks >> np.uint64(32)
+    counter[:, 2] = offset & 0xFFFFFFFF
+    counter[:, 3] = offset >> 32
+    words = philox.philox4x32(counter, (seed & 0xFFFFFFFF, seed >> 32))
+    return words[np.arange(index.size), (index & np.uint64(3)).astype(np.intp)]

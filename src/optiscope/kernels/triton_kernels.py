@@ -710,7 +710,8 @@ def dropout_forward(
     if not 0 <= offset < 2**64:
         raise ValueError(f"offset must be in [0, 2**64), got {offset!r}")
     if out is not None and (out is not x or not x.is_contiguous()):
-        raise ValueError("out must be x itself, and contiguous")
+        what = "another tensor" if out is not x else "x, but x is not contiguous"
+        raise ValueError(f"out must be None or a contiguous x itself, got {what}")
     x = x.contiguous()  # the mask's element i is the i-th in row-major order
     y = torch.empty_like(x) if out is None else out
     numel = x.numel()

@@ -190,13 +190,21 @@ def _pick(parallel: Any, serial: Any, numel: int) -> Any:
     return parallel
 
 
-def dropout_forward(x: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:
-    r"""A new tensor ``x * γ`` where the Philox word of element ``i`` keeps it,
-    else 0: ``x`` a contiguous CPU float tensor, ``0 < p < 1``,
-    ``0 <= seed < 2^63``. :math:`\gamma = 1/(1-p)` is rounded to the compute
-    dtype, as ``x * gamma`` does in torch."""
-    out = torch.empty_like(x)
-    _prefer_huge_pages(out)
+def dropout_forward(
+    x: torch.Tensor,
+    p: float,
+    seed: int,
+    offset: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""``x * γ`` where the Philox word of element ``i`` keeps it, else 0: ``x`` a
+    contiguous CPU float tensor, ``0 < p < 1``, ``0 <= seed < 2^63``.
+    :math:`\gamma = 1/(1-p)` is rounded to the compute dtype, as ``x * gamma``
+    does in torch. Written into ``out`` if given (``x`` itself: each element is
+    read before its own slot is written), else into a new tensor."""
+    if out is None:
+        out = torch.empty_like(x)
+        _prefer_huge_pages(out)
     bits = _BITS.get(x.dtype, x.dtype)
     wide = rules.compute_dtype(x.dtype) == torch.float64
     scale = (np.float64 if wide else np.float32)(1.0 / (1.0 - p))
