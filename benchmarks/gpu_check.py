@@ -70,7 +70,7 @@ def main() -> int:
         print("gpu_check: no CUDA device visible; this script needs a GPU (H100)")
         return 2
     try:
-        from optiscope.kernels import triton_kernels as tk
+        from optiscope.kernels import triton as tk
     except ImportError as error:
         print(f"gpu_check: cannot import the Triton kernels ({error})")
         return 2
@@ -429,21 +429,22 @@ def run_timings(tk) -> dict:
 
 def run_block_sweep(tk) -> list[dict]:
     """Our Adam with other block sizes and warp counts, to tune the defaults."""
-    default = (tk.OPTIMIZER_BLOCK, tk.OPTIMIZER_WARPS)
+    common = tk.common  # where the kernels read their launch parameters
+    default = (common.OPTIMIZER_BLOCK, common.OPTIMIZER_WARPS)
     candidates = {}
     n = NUMEL // 4
     for block, warps in [(1024, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16)]:
         calls = adam_candidates(tk, n)["ours_adam"]
 
         def run(block=block, warps=warps, calls=calls):
-            tk.OPTIMIZER_BLOCK, tk.OPTIMIZER_WARPS = block, warps
+            common.OPTIMIZER_BLOCK, common.OPTIMIZER_WARPS = block, warps
             calls()
 
         candidates[f"{block}x{warps}"] = run
     try:
         ms = time_interleaved(candidates)
     finally:
-        tk.OPTIMIZER_BLOCK, tk.OPTIMIZER_WARPS = default
+        common.OPTIMIZER_BLOCK, common.OPTIMIZER_WARPS = default
     torch.cuda.empty_cache()
     return [
         dict(config=name, ms=t, gbps=ADAM_BYTES * n / t / 1e6) for name, t in ms.items()

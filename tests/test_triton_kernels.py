@@ -11,10 +11,12 @@ pre-initialised, every tensor contiguous with elements.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import math
 import os
+import pkgutil
 import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -50,15 +52,24 @@ if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET=0 needs a CUDA device", allow_module_level=True)
 DEVICE = "cpu" if INTERPRET else "cuda"
 
-_MODULE = "optiscope.kernels.triton_kernels"
-_imported_before = _MODULE in sys.modules
-tk = importlib.import_module(_MODULE)
+_PACKAGE = "optiscope.kernels.triton"
+# Its modules, each after those it imports, then the package.
+_SUBMODULES = ["common", "probe_rows", "momentum", "adam", "dropout"]
+_MODULES = [*(f"{_PACKAGE}.{name}" for name in _SUBMODULES), _PACKAGE]
+_imported_before = any(name in sys.modules for name in _MODULES)
+tk = importlib.import_module(_PACKAGE)
 if _imported_before:
-    # Triton picks interpreter or compiler when a kernel is decorated, so a
-    # module imported before TRITON_INTERPRET was set must be decorated again
-    # (the kernels call only builtins, not triton.language's own @jit helpers,
-    # which stay compiled for the rest of the process).
-    tk = importlib.reload(tk)
+    # Triton picks interpreter or compiler when a kernel is decorated, so
+    # modules imported before TRITON_INTERPRET was set must be decorated again,
+    # helpers before the kernels that call them (the kernels call only builtins
+    # and the package's own helpers, not triton.language's own @jit helpers,
+    # which stay compiled for the rest of the process). A reload keeps the
+    # module object, so the names bound below stay valid.
+    for _name in _MODULES:
+        importlib.reload(sys.modules[_name])
+common = sys.modules[f"{_PACKAGE}.common"]
+tk_dropout = sys.modules[f"{_PACKAGE}.dropout"]
+tk_probe_rows = sys.modules[f"{_PACKAGE}.probe_rows"]
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -203,7 +214,21 @@ def test_the_interface() -> None:
     for fn in (tk.adam_, tk.momentum_):
         assert list(inspect.signature(fn).parameters) == ["batch", "hyper", "stats"]
     for fn in (tk.dropout_forward, tk.dropout_backward):
-        assert list(inspect.signature(fn).parameters)[1:] == ["p", "seed", "offset"]
+        params = list(inspect.signature(fn).parameters)[1:]
+        assert params == ["p", "seed", "offset", "out"]
+
+
+def test_the_reload_order_covers_the_package() -> None:
+    """Every module of the package is reloaded above, after the modules it
+    imports: one left out, or reloaded before a helper it calls, would keep
+    kernels decorated for the other mode."""
+    assert {m.name for m in pkgutil.iter_modules(tk.__path__)} == set(_SUBMODULES)
+    for i, name in enumerate(_SUBMODULES):
+        tree = ast.parse(inspect.getsource(sys.modules[f"{_PACKAGE}.{name}"]))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                used = [node.module] if node.module else [a.name for a in node.names]
+                assert set(used) <= set(_SUBMODULES[:i]), (name, used)
 
 
 @pytest.mark.parametrize("config", ADAM_CONFIGS, ids=str)
@@ -384,7 +409,7 @@ def test_momentum_infinite_gradient_gives_infinite_step(beta, dtype) -> None:
 
 SEEDS_AND_OFFSETS = [(0, 0), (1, 7), (2**32 + 5, 2**32 + 3), (2**63 - 1, 2**64 - 1)]
 # Not multiples of 4, one block (4 * DROPOUT_COUNTERS elements), or both.
-SIZES = [1, 3, 6, 4 * tk.DROPOUT_COUNTERS + 3, 3 * tk.DROPOUT_COUNTERS + 2]
+SIZES = [1, 3, 6, 4 * common.DROPOUT_COUNTERS + 3, 3 * common.DROPOUT_COUNTERS + 2]
 
 
 def _keep(numel: int, p: float, seed: int, offset: int) -> torch.Tensor:
@@ -478,7 +503,7 @@ def _philox_probe(counter_ptr, out_ptr, k0, k1, N: tl.constexpr):
     # counter words as int64 (torch has few uint32 ops), out the same way.
     rows = tl.arange(0, N)
     c = [tl.load(counter_ptr + rows * 4 + j).to(tl.uint32) for j in tl.static_range(4)]
-    r = tk._philox4x32_10(
+    r = tk_dropout._philox4x32_10(
         c[0], c[1], c[2], c[3], tl.cast(k0, tl.uint32), tl.cast(k1, tl.uint32)
     )
     for j in tl.static_range(4):
@@ -597,9 +622,9 @@ def blocks(request, monkeypatch):
     many programs, many fold steps with a ragged last one, and many histogram
     programs."""
     if request.param == "small":
-        monkeypatch.setattr(tk, "OPTIMIZER_BLOCK", 64)
-        monkeypatch.setattr(tk, "FOLD_ROWS", 4)
-        monkeypatch.setattr(tk, "HIST_LANES", 2)
+        monkeypatch.setattr(common, "OPTIMIZER_BLOCK", 64)
+        monkeypatch.setattr(common, "FOLD_ROWS", 4)
+        monkeypatch.setattr(common, "HIST_LANES", 2)
     return request.param
 
 
@@ -750,7 +775,7 @@ def test_momentum_probe_rows_across_programs(config, blocks) -> None:
 def test_eps_threshold_is_the_least_v_not_dominated(eps, c2) -> None:
     """The probe's ε-dominated count is ``v < threshold``: exact when the
     threshold is the least float64 v with sqrt(v / c2) >= eps."""
-    v = tk._eps_threshold(eps, c2)
+    v = tk_probe_rows.eps_threshold(eps, c2)
     assert math.sqrt(v / c2) >= eps
     if v > 0.0:
         assert not math.sqrt(float(np.nextafter(v, 0.0)) / c2) >= eps

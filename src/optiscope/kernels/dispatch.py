@@ -10,7 +10,7 @@ Every fused call goes through the same four stages:
    strides (contiguous, ``channels_last`` or any other order) is passed as flat
    views of its memory, since the rules are elementwise; any other row is copied
    to contiguous tensors and the written ones are copied back afterwards;
-4. each device's rows go to its backend (:mod:`.cpu`, ``triton_kernels`` for
+4. each device's rows go to its backend (:mod:`.cpu`, :mod:`.triton` for
    CUDA, :mod:`.torch_rule` for anything else), each with fresh probe rows that
    are then folded into the caller's.
 """
@@ -268,10 +268,10 @@ def _backend(t: torch.Tensor) -> ModuleType:
 @functools.cache
 def _triton() -> ModuleType | None:
     try:
-        from . import triton_kernels
+        from . import triton
     except ImportError:
         return None
-    return triton_kernels
+    return triton
 
 
 def _warn_once(t: torch.Tensor, why: str) -> None:
