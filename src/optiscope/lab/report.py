@@ -1,4 +1,9 @@
-"""Render ``results.json`` into ``report.html`` and a terminal table. Reads nothing else."""
+"""Render ``results.json`` into ``report.html``, its figures, and a terminal table.
+
+Reads nothing but that document. Every value that reaches the page goes
+through :func:`esc` (HTML-escaped, quotes included): the document may come
+from a resumed cache or carry a user's file name, so it is text, never markup.
+"""
 
 from __future__ import annotations
 
@@ -6,94 +11,185 @@ import base64
 import html
 import io
 import json
-from pathlib import Path
-from typing import Any
+import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from matplotlib.figure import Figure
 from rich.markup import escape
 from rich.table import Table
 
-from .._io import atomic_write
+if TYPE_CHECKING:
+    from .files import Folder
 
 VERDICT_COLOURS = {
     "holds": "#1a7f37",
     "does not hold": "#cf222e",
     "inconclusive": "#9a6700",
+    "not applicable": "#57606a",
 }
+TERMINAL_COLOURS = {"holds": "green", "does not hold": "red", "inconclusive": "yellow"}
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+COLOURS = ("#0969da", "#cf222e", "#1a7f37", "#8250df", "#bf8700", "#bf3989", "#57606a")
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def show(value: Any) -> str:
+    """A number for people: 4 significant digits, thousands separated; text as is."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None:
+        return "—"
+    if value in ("inf", "-inf"):
+        return "∞" if value == "inf" else "−∞"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "∞" if value > 0 else ("−∞" if value < 0 else "—")
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+            return f"{value:.3e}"
+        return f"{value:.4g}"
+    return str(value)
 
 
 def summary_table(document: dict[str, Any]) -> Table:
-    table = Table(title="optiscope lab: the seed's claims, measured")
-    table.add_column("claim")
+    table = Table(title="optiscope lab: the study sheet's claims, measured")
+    table.add_column("claim", no_wrap=True)
     table.add_column("statement", max_width=34)
     table.add_column("verdict", no_wrap=True)
     table.add_column("measured")
     for key, result in document["claims"].items():
-        colour = {"holds": "green", "does not hold": "red"}.get(
-            result["verdict"], "yellow"
-        )
+        colour = TERMINAL_COLOURS.get(result["verdict"], "dim")
         table.add_row(
-            key,
-            result["title"],
-            f"[{colour}]{result['verdict']}[/]",
+            escape(key),
+            escape(result["title"]),
+            f"[{colour}]{escape(result['verdict'])}[/]",
             escape(result["headline"]),  # "E[h_drop]" is not rich markup
         )
     return table
 
 
+# -- figures ---------------------------------------------------------------------------
+
+
+def _floats(values: Iterable[Any]) -> list[float]:
+    out = []
+    for v in values:
+        if v in ("inf", "-inf"):
+            out.append(math.inf if v == "inf" else -math.inf)
+        else:
+            out.append(math.nan if v is None else float(v))
+    return out
+
+
+def _positive(values: list[float]) -> list[float]:
+    return [v if v > 0 else math.nan for v in values]
+
+
 def figure_png(spec: dict[str, Any]) -> bytes:
-    """One figure spec (line, scatter or bar) drawn with the Figure API, as PNG bytes."""
-    fig = Figure(figsize=(6.4, 3.8), dpi=100, layout="constrained")
+    """One figure spec drawn with the Figure API: PNG bytes, 700 px wide."""
+    fig = Figure(figsize=(7.0, 4.4), dpi=100, layout="constrained")
     ax = fig.add_subplot()
-    kind = spec["type"]
-    if kind == "bar":
-        ax.bar(
-            spec["labels"],
-            spec["values"],
-            yerr=spec.get("errors"),
-            capsize=4,
-            color=["#8c959f", "#0969da", "#8250df", "#bf3989"][: len(spec["values"])],
-        )
-        if spec.get("ylim") == "auto":
-            low = min(spec["values"])
-            ax.set_ylim(max(0.0, low - 0.05), min(1.0, max(spec["values"]) + 0.02))
-        ax.tick_params(axis="x", labelsize=8)
-    for series in spec.get("series", []):
-        ax.plot(series["x"], series["y"], label=series["label"], linewidth=1.4)
-    for points in spec.get("points", []):
-        ax.scatter(
-            points["x"], points["y"], label=points["label"], s=12, alpha=0.6, zorder=3
-        )
-    if spec.get("logx"):
-        ax.set_xscale("log")
-    if spec.get("logy"):
-        ax.set_yscale("log")
-    ax.set_title(spec["title"], fontsize=10)
-    ax.set_xlabel(spec.get("xlabel", ""))
-    ax.set_ylabel(spec.get("ylabel", ""), fontsize=9)
-    if spec.get("series") or spec.get("points"):
-        ax.legend(fontsize=8)
+    if spec["type"] == "dots":
+        _dots(ax, spec)
+    else:
+        _lines(ax, spec)
+    ax.set_title(spec["title"], fontsize=12)
+    ax.set_xlabel(spec.get("xlabel", ""), fontsize=11)
+    ax.set_ylabel(spec.get("ylabel", ""), fontsize=11)
+    ax.tick_params(labelsize=10)
     ax.grid(alpha=0.3)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", metadata={"Software": None})
     return buffer.getvalue()
 
 
-def _numbers_html(numbers: dict[str, Any]) -> str:
-    rows = []
-    for key, value in numbers.items():
-        if isinstance(value, list):  # a list of records: its own small table
-            columns = list(value[0])
-            head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-            body = "".join(
-                "<tr>" + "".join(f"<td>{r[c]}</td>" for c in columns) + "</tr>"
-                for r in value
+def _lines(ax: Any, spec: dict[str, Any]) -> None:
+    logy = bool(spec.get("logy"))
+    measured = theory = 0
+    for line in spec["series"]:
+        x, y = _floats(line["x"]), _floats(line["y"])
+        if logy:
+            y = _positive(y)
+        if line.get("style") == "theory":
+            dash = ("--", ":", "-.")[theory % 3]  # two theory lines stay apart
+            theory += 1
+            ax.plot(x, y, dash, color="black", linewidth=1.3, label=line["label"])
+            continue
+        colour, marker = (
+            COLOURS[measured % len(COLOURS)],
+            MARKERS[measured % len(MARKERS)],
+        )
+        measured += 1
+        few = len(x) <= 40
+        style = {
+            "color": colour,
+            "label": line["label"],
+            "linewidth": 1.6,
+            "marker": marker if few else None,
+            "markersize": 6,
+            "markerfacecolor": "white" if measured % 2 == 0 else colour,
+            "zorder": 2 + measured,
+        }
+        if "low" in line and not few:  # a long series: its interval as a band
+            ax.plot(x, y, **style)
+            ax.fill_between(
+                x,
+                _floats(line["low"]),
+                _floats(line["high"]),
+                color=colour,
+                alpha=0.15,
+                linewidth=0,
             )
-            value = f"<table class='inner'><tr>{head}</tr>{body}</table>"
+        elif "low" in line:
+            low, high = _floats(line["low"]), _floats(line["high"])
+            below = [
+                max(v - lo, 0) if math.isfinite(lo) else math.nan
+                for v, lo in zip(y, low, strict=True)
+            ]
+            above = [
+                max(hi - v, 0) if math.isfinite(hi) else math.nan
+                for v, hi in zip(y, high, strict=True)
+            ]
+            ax.errorbar(x, y, yerr=[below, above], capsize=4, **style)
         else:
-            value = html.escape(str(value))
-        rows.append(f"<tr><th>{html.escape(key)}</th><td>{value}</td></tr>")
-    return f"<div class='scroll'><table class='numbers'>{''.join(rows)}</table></div>"
+            ax.plot(x, y, **style)
+    if spec.get("logx"):
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.legend(fontsize=9)
+
+
+def _dots(ax: Any, spec: dict[str, Any]) -> None:
+    values = _floats(spec["values"])
+    low, high = _floats(spec["low"]), _floats(spec["high"])
+    x = list(range(len(values)))
+    below = [
+        v - lo if math.isfinite(lo) else math.nan
+        for v, lo in zip(values, low, strict=True)
+    ]
+    above = [
+        hi - v if math.isfinite(hi) else math.nan
+        for v, hi in zip(values, high, strict=True)
+    ]
+    ax.errorbar(
+        x,
+        values,
+        yerr=[below, above],
+        fmt="o",
+        color=COLOURS[0],
+        capsize=6,
+        markersize=8,
+    )
+    ax.set_xticks(x, [str(label) for label in spec["labels"]])
+    ax.set_xlim(-0.5, len(values) - 0.5)
+    if spec.get("ylim_from_zero"):
+        ax.set_ylim(bottom=0)
 
 
 def figures(document: dict[str, Any]) -> dict[str, bytes]:
@@ -105,68 +201,207 @@ def figures(document: dict[str, Any]) -> dict[str, bytes]:
     }
 
 
-def render(document: dict[str, Any], pngs: dict[str, bytes]) -> str:
-    """The self-contained page: ``pngs`` (from :func:`figures`) are embedded inline."""
-    config = document["config"]
-    sections = []
-    for key, result in document["claims"].items():
-        images = "".join(
-            f"<img alt='{html.escape(spec['title'])}' src='data:image/png;base64,"
-            f"{base64.b64encode(pngs[f'{key}-{i}.png']).decode()}'>"
-            for i, spec in enumerate(result.get("figures", []), start=1)
+# -- the page ----------------------------------------------------------------------------
+
+
+def _numbers(entries: list[dict[str, Any]]) -> str:
+    if not entries:
+        return ""
+    rows = []
+    for e in entries:
+        interval = (
+            f"[{show(e['low'])}, {show(e['high'])}]<br><small>{esc(e.get('basis', ''))}</small>"
+            if "low" in e
+            else ""
         )
-        colour = VERDICT_COLOURS.get(result["verdict"], "#57606a")
-        sections.append(f"""
-<section class="claim" id="{key}">
-  <h2>{key}. {html.escape(result["title"])}
-    <span class="verdict" style="background:{colour}">{html.escape(result["verdict"])}</span></h2>
-  <blockquote>{html.escape(result["seed_words"])}</blockquote>
-  <p><b>Method.</b> {html.escape(result["method"])}</p>
-  <p><b>Criterion.</b> {html.escape(result["criterion"])}</p>
-  <p><b>Measured.</b> {html.escape(result["headline"])}</p>
-  {f"<p><b>Reading.</b> {html.escape(result['note'])}</p>" if "note" in result else ""}
-  <div class="figures">{images}</div>
-  {_numbers_html(result["numbers"])}
-</section>""")
-    summary = "".join(
-        f"<tr><td><a href='#{k}'>{k}</a></td><td>{html.escape(r['title'])}</td>"
-        f"<td style='color:{VERDICT_COLOURS.get(r['verdict'], '#57606a')}'>"
-        f"<b>{html.escape(r['verdict'])}</b></td></tr>"
-        for k, r in document["claims"].items()
+        rows.append(
+            f"<tr><th scope='row'>{esc(e['label'])}</th><td>{esc(show(e['value']))}</td>"
+            f"<td>{interval}</td><td>{esc(e.get('unit', ''))}</td></tr>"
+        )
+    head = (
+        "<tr><th>measurement</th><th>value</th><th>95% interval</th><th>unit</th></tr>"
     )
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>optiscope lab report</title>
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto;
-       color: #1f2328; line-height: 1.45; padding: 0 1em; }}
-h2 {{ border-bottom: 1px solid #d0d7de; padding-bottom: .3em; }}
-.verdict {{ color: white; border-radius: 1em; padding: .1em .7em; font-size: .7em;
-            vertical-align: middle; }}
-blockquote {{ color: #57606a; border-left: .25em solid #d0d7de; margin: 0;
-              padding: 0 1em; font-style: italic; }}
-.figures img {{ max-width: 49%; margin: .2em; border: 1px solid #d0d7de; }}
-table {{ border-collapse: collapse; font-size: .9em; }}
-td, th {{ border: 1px solid #d0d7de; padding: .2em .6em; text-align: left; }}
-table.inner td, table.inner th {{ font-size: .85em; }}
-.scroll {{ overflow-x: auto; }}
-</style></head>
-<body>
-<h1>optiscope lab</h1>
-<p>Data: {html.escape(str(config["data"]))} · seed {config["seed"]} ·
-{"quick" if config["quick"] else "full"} run. Every number below is read from
-<code>results.json</code>.</p>
-<table class="summary"><tr><th>claim</th><th>statement</th><th>verdict</th></tr>{summary}</table>
-{"".join(sections)}
-</body></html>
+    return f"<div class='scroll'><table class='numbers'>{head}{''.join(rows)}</table></div>"
+
+
+def _table(spec: dict[str, Any]) -> str:
+    columns = spec["columns"]
+    head = "".join(f"<th>{esc(c['label'])}</th>" for c in columns)
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td>{esc(show(row.get(c['key'])))}</td>" for c in columns)
+        + "</tr>"
+        for row in spec["rows"]
+    )
+    return (
+        f"<h3>{esc(spec['title'])}</h3><div class='scroll'><table class='sweep'>"
+        f"<tr>{head}</tr>{body}</table></div>"
+    )
+
+
+def _checks(result: dict[str, Any]) -> str:
+    if not result["checks"]:
+        return ""
+    items = "".join(
+        f"<li><span class='outcome' style='color:{VERDICT_COLOURS.get(c['outcome'], '#57606a')}'>"
+        f"{esc(c['outcome'])}</span>{' <i>(instrument)</i>' if c['role'] == 'instrument' else ''}"
+        f": {esc(c['text'])}. Measured {esc(show(c['interval']['estimate']))}, "
+        f"interval [{esc(show(c['interval']['low']))}, {esc(show(c['interval']['high']))}].</li>"
+        for c in result["checks"]
+    )
+    return f"<p><b>Criterion.</b></p><ol class='checks'>{items}</ol>"
+
+
+def _section(
+    key: str, result: dict[str, Any], pngs: dict[str, bytes], source: str
+) -> str:
+    figures = []
+    for i, spec in enumerate(result.get("figures", []), start=1):
+        data = base64.b64encode(pngs[f"{key}-{i}.png"]).decode()
+        caption = esc(spec.get("caption", ""))
+        figures.append(
+            f"<figure><img alt='{esc(spec['title'])}' src='data:image/png;base64,{data}'>"
+            f"<figcaption>{caption}</figcaption></figure>"
+        )
+    colour = VERDICT_COLOURS.get(result["verdict"], "#57606a")
+    reason = (
+        f"<p><b>Not applicable.</b> {esc(result['reason'])}</p>"
+        if "reason" in result
+        else ""
+    )
+    combination = ""
+    if result["checks"]:
+        combination = f"<p class='small'>{esc(_combination(result))}</p>"
+    return f"""
+<section class="claim" id="{esc(key)}">
+  <h2>{esc(key)}. {esc(result["title"])}
+    <span class="verdict" style="background:{colour}">{esc(result["verdict"])}</span></h2>
+  <blockquote>“{esc(result["quote"])}”<br><cite>— {esc(source)}</cite></blockquote>
+  <p><b>Method.</b> {esc(result["method"])}</p>
+  {reason}
+  {_checks(result)}
+  {combination}
+  <p><b>Measured.</b> {esc(result["headline"])}</p>
+  {f"<p><b>Reading.</b> {esc(result['note'])}</p>" if result.get("note") else ""}
+  <div class="figures">{"".join(figures)}</div>
+  {"".join(_table(t) for t in result.get("tables", []))}
+  {_numbers(result.get("numbers", []))}
+</section>"""
+
+
+def _combination(result: dict[str, Any]) -> str:
+    """The sentence on how checks combine: the criterion text after its last check."""
+    text = result["criterion"]
+    marker = "The claim holds when"
+    return text[text.index(marker) :] if marker in text else ""
+
+
+CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 1.5em auto;
+       color: #1f2328; line-height: 1.45; padding: 0 1em; font-size: 16px; }
+h2 { border-bottom: 1px solid #d0d7de; padding-bottom: .3em; margin-top: 2em; }
+.verdict { color: white; border-radius: 1em; padding: .1em .7em; font-size: .7em;
+           vertical-align: middle; white-space: nowrap; }
+blockquote { color: #57606a; border-left: .25em solid #d0d7de; margin: 0;
+             padding: 0 1em; font-style: italic; }
+cite { font-size: .85em; }
+.figures { display: grid; gap: .8em;
+           grid-template-columns: repeat(auto-fit, minmax(min(100%, 480px), 1fr)); }
+figure { margin: 0; min-width: 0; }
+figure img { width: 100%; height: auto; border: 1px solid #d0d7de; display: block;
+             box-sizing: border-box; }
+figcaption, .small { font-size: .85em; color: #57606a; }
+table { border-collapse: collapse; font-size: .9em; max-width: 100%; }
+td, th { border: 1px solid #d0d7de; padding: .2em .5em; text-align: left;
+         vertical-align: top; overflow-wrap: anywhere; }
+table.sweep td { text-align: right; font-variant-numeric: tabular-nums; }
+table.numbers td:nth-child(2) { white-space: nowrap; }
+.scroll { overflow-x: auto; max-width: 100%; margin: .5em 0; }
+code, .wrap { overflow-wrap: anywhere; }
+ol.checks li { margin-bottom: .3em; }
+.outcome { font-weight: bold; }
+table.summary td:nth-child(-n+1), table.summary td:nth-child(3) { white-space: nowrap; }
 """
 
 
-def write(results_path: Path, html_path: Path) -> None:
-    """Render ``results_path`` into ``html_path``, and each plot into ``figures/`` beside it."""
-    document = json.loads(Path(results_path).read_text())
+def render(document: dict[str, Any], pngs: dict[str, bytes]) -> str:
+    """The self-contained page: ``pngs`` (from :func:`figures`) are embedded inline."""
+    config, run, data = document["config"], document["run"], document["data"]
+    source = document["source"]
+    claims = document["claims"]
+    summary = "".join(
+        f"<tr><td><a href='#{esc(k)}'>{esc(k)}</a></td><td>{esc(r['title'])}</td>"
+        f"<td style='color:{VERDICT_COLOURS.get(r['verdict'], '#57606a')}'>"
+        f"<b>{esc(r['verdict'])}</b></td><td>{esc(r['headline'])}</td></tr>"
+        for k, r in claims.items()
+    )
+    skipped = [
+        f"<li><a href='#{esc(k)}'>{esc(k)}</a> {esc(r['title'])}: not applicable, "
+        f"{esc(r['reason'])}</li>"
+        for k, r in claims.items()
+        if "reason" in r
+    ] + [f"<li>{esc(k)}: not run (--only)</li>" for k in document.get("not_run", [])]
+    skipped_html = (
+        f"<h2 id='skipped'>Claims not tested</h2><ul>{''.join(skipped)}</ul>"
+        if skipped
+        else "<p id='skipped'>Every claim was tested.</p>"
+    )
+    versions = ", ".join(f"{esc(k)} {esc(v)}" for k, v in run["versions"].items())
+    machine = run["machine"]
+    resumed = run.get("resumed") or []
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>optiscope lab report</title><style>{CSS}</style></head>
+<body><main>
+<h1>optiscope lab</h1>
+<p>Each claim below quotes {esc(source)} and is measured with optiscope's own
+optimizers and dropout. A claim <b>holds</b> or <b>does not hold</b> when the 95%
+confidence intervals of its checks decide it, is <b>inconclusive</b> when they do
+not, and is <b>not applicable</b> when the data cannot test it. Every number is
+read from <code>results.json</code>.</p>
+<section id="run"><h2>Run</h2><ul>
+<li>Data: {esc(data["name"])}: {esc(show(data["rows_used"]))} of {
+        esc(show(data["rows_in_file"]))
+    } rows
+({esc(show(data["train_rows"]))} training, {
+        esc(show(data["validation_rows"]))
+    } validation, split by the seed),
+{esc(show(data["features_used"]))} of {esc(show(data["features_in_file"]))} features, {
+        esc(show(data["classes"]))
+    } classes.</li>
+<li>Features: {esc(data["preprocessing"])}.</li>
+<li>Read as: {esc(data["encoding"])}; SHA-256 <code>{esc(data["sha256"])}</code>.</li>
+<li>Seed {esc(config["seed"])}, {"quick" if config["quick"] is True else "full"} run;
+started {esc(run["started"])}, {esc(run["wall_time_s"])} s of wall time{
+        f", resumed: {esc(', '.join(resumed))}" if resumed else ""
+    }.</li>
+<li>Versions: {versions}. Machine: {esc(machine["platform"])}, {
+        esc(machine["cpus"])
+    } CPUs,
+{esc(machine["torch_threads"])} torch thread(s).</li>
+</ul></section>
+<section id="summary"><h2>Summary</h2><div class="scroll"><table class="summary">
+<tr><th>claim</th><th>statement</th><th>verdict</th><th>measured</th></tr>{
+        summary
+    }</table></div>
+{skipped_html}</section>
+{"".join(_section(k, r, pngs, source) for k, r in claims.items())}
+</main></body></html>
+"""
+
+
+def write(folder: Folder) -> str:
+    """Render ``results.json`` in ``folder`` into report.html and figures/*.png.
+
+    Figures of an earlier run that this one did not draw are removed (only the
+    lab's own files). Returns the report's path.
+    """
+    document = json.loads((folder.root / "results.json").read_text(encoding="utf-8"))
     pngs = figures(document)
-    folder = html_path.parent / "figures"
-    folder.mkdir(exist_ok=True)
+    for stale in folder.owned_under("figures"):
+        if stale.removeprefix("figures/") not in pngs:
+            folder.remove(stale)
     for name, png in pngs.items():
-        atomic_write(folder / name, png)
-    atomic_write(html_path, render(document, pngs))
+        folder.write(f"figures/{name}", png)
+    return str(folder.write("report.html", render(document, pngs)))
