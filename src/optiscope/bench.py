@@ -508,7 +508,7 @@ def handle(args: argparse.Namespace) -> int:
         Console().print(Markdown(text))
     except ImportError:
         print(text)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
 
