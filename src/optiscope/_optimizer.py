@@ -391,10 +391,11 @@ def default_state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _labels(group: dict[str, Any], index: int) -> list[str]:
     """The parameters' names where the user gave them, else ``group{i}.param{j}``."""
-    names = group.get("param_names")
-    if names:
-        return list(names)
-    return [f"group{index}.param{j}" for j in range(len(group["params"]))]
+    names = group.get("param_names") or []
+    return [
+        names[j] if j < len(names) else f"group{index}.param{j}"
+        for j in range(len(group["params"]))
+    ]
 
 
 def _normalise_step(state: dict[str, Any]) -> None:

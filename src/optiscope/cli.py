@@ -1,4 +1,4 @@
-"""The ``optiscope`` console command: ``optiscope lab``, ``optiscope bench``, ``optiscope plot``.
+"""The ``optiscope`` console command: ``optiscope lab``, ``bench``, ``plot`` and ``doctor``.
 
 Results go to stdout, progress and messages to stderr; usage errors exit 2.
 """
@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from . import __version__
 from .bench import add_bench_parser
 from .lab.runner import add_lab_parser
+from .probes.doctor import add_doctor_parser
 from .probes.plot import add_plot_parser
 
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_lab_parser(subparsers)
     add_bench_parser(subparsers)
     add_plot_parser(subparsers)
+    add_doctor_parser(subparsers)
     return parser
 
 

@@ -109,8 +109,8 @@ def check_steps(
     if len(steps) != count:
         raise ValueError(f"steps has {len(steps)} counters for {count} parameters")
     for row, t in enumerate(steps):
-        name = repr(labels[row]) if labels is not None else f"params[{row}]"
         if not isinstance(t, torch.Tensor) or t.numel() != 1 or t.is_complex():
+            name = repr(labels[row]) if labels is not None else f"params[{row}]"
             raise TypeError(
                 f"step of parameter {name} must be a one-element real tensor, got {t!r}"
             )

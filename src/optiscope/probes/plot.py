@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from .sinks import TruncatedRecordWarning
 
 # (file name, question, metric, y label, log scale, reference line)
 QUESTIONS = [
@@ -64,33 +66,49 @@ QUESTIONS = [
 
 
 def load(path: Path) -> list[dict[str, Any]]:
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(
-                        f"{path}, line {number}: not JSON ({error.msg})"
-                    ) from None
-    return records
+    """The records of a JSONL file; a truncated last line is skipped with a
+    :class:`~optiscope.probes.sinks.TruncatedRecordWarning`."""
+    from .sinks import read_jsonl
+
+    return list(read_jsonl(path))
 
 
 def series(records: list[dict[str, Any]], metric: str) -> dict[str, tuple[list, list]]:
-    """``{scope: (steps, values)}`` for one metric, groups and modules only."""
-    out: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
+    """``{label: (steps, values)}`` for one metric, groups and modules only.
+
+    Runs are kept apart: by the records' ``run`` id, and within a run (or a
+    file written before records carried one) wherever the step goes back,
+    as when a second run was appended to the file. Labels name the run only
+    where the records hold more than one.
+    """
+    out: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
+    last: dict[tuple, int] = {}
+    segment: dict[tuple, int] = defaultdict(int)
     for record in records:
-        scopes = [
-            (f"{record['source']} group{g['group']}", g)
-            for g in record.get("groups", [])
-        ]
+        run, source, step = record.get("run"), record.get("source", ""), record["step"]
+        stream = (run, source, tuple(record.get("modules", {})))
+        if stream in last and step <= last[stream]:
+            segment[stream] += 1
+        last[stream] = step
+        part = (run, segment[stream])
+        scopes = [(f"{source} group{g['group']}", g) for g in record.get("groups", [])]
         scopes += list(record.get("modules", {}).items())
         for scope, values in scopes:
             if metric in values and values[metric] is not None:
-                out[scope][0].append(record["step"])
-                out[scope][1].append(values[metric])
-    return dict(out)
+                out[(part, scope)][0].append(step)
+                out[(part, scope)][1].append(values[metric])
+    parts = {part for part, _ in out}
+
+    def label(run: str | None, seg: int) -> str:
+        if len(parts) == 1:
+            return ""
+        if run is None:
+            return f" [part {seg + 1}]"
+        repeated = sum(p[0] == run for p in parts) > 1
+        return f" [run {run}{f' #{seg + 1}' if repeated else ''}]"
+
+    names = {part: label(*part) for part in parts}
+    return {f"{scope}{names[part]}": line for (part, scope), line in out.items()}
 
 
 def render(records: list[dict[str, Any]], out: Path) -> list[Path]:
@@ -164,10 +182,14 @@ def _main(args: argparse.Namespace) -> int:
 
     if not args.run.is_file():
         return fail(f"{args.run}: no such file")
-    try:
-        records = load(args.run)
-    except ValueError as error:
-        return fail(str(error))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TruncatedRecordWarning)
+        try:
+            records = load(args.run)
+        except ValueError as error:
+            return fail(str(error))
+    for warning in caught:
+        print(f"optiscope plot: warning: {warning.message}", file=sys.stderr)
     if not records:
         return fail(f"{args.run}: no records")
     try:

@@ -139,7 +139,7 @@ def run(ctx: Context) -> dict:
         b: optiscope.Momentum(m.parameters(), lr=LR, momentum=b)
         for b, m in models.items()
     }
-    probe = optiscope.probe(opts[BETA])
+    probe = optiscope.probe(opts[BETA], history=None)
     windows = {b: _Windows(m) for b, m in models.items()}
 
     def on_step(step: int) -> None:

@@ -194,7 +194,7 @@ class Shared:
         models = {
             p: mlp(data, self.runs, HIDDEN, DEPTH, p, seed) for p in (DROPOUT_P, 0.0)
         }
-        probes = optiscope.probe(models[DROPOUT_P])
+        probes = optiscope.probe(models[DROPOUT_P], history=None)
         # Dropout draws its masks' seeds from torch's default generator: seed it
         # here, so the nets do not depend on what ran before them.
         torch.manual_seed(seed + 2)
