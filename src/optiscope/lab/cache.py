@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import numbers
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,12 @@ def entry(config: dict[str, Any], result: dict[str, Any]) -> str:
 
 def load(path: Path, key: str, config: dict[str, Any]) -> dict[str, Any]:
     """The cached result of ``key`` made under ``config``, or :class:`CacheError`."""
+    return read(path, config, lambda result: problems(result, key))
+
+
+def read(path: Path, config: dict[str, Any], check: Callable[[Any], list[str]]) -> Any:
+    """The cached result in ``path`` made under ``config`` that ``check`` finds no
+    problem in, or :class:`CacheError`."""
     again = "run without --resume to start over"
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
@@ -92,7 +99,7 @@ def load(path: Path, key: str, config: dict[str, Any]) -> dict[str, Any]:
             f"resume with the same options, or {again}"
         )
     result = document.get("result")
-    found = problems(result, key)
+    found = check(result)
     if found:
         raise CacheError(f"--resume: {path} fails the schema ({found[0]}); {again}")
     return result

@@ -289,6 +289,65 @@ def _section(
 </section>"""
 
 
+SEVERITY_COLOURS = {"info": "#57606a", "warning": "#9a6700", "error": "#cf222e"}
+
+
+def _doctor(doctor: dict[str, Any] | None) -> str:
+    """The Doctor section: ``optiscope doctor``'s findings on the lab's own runs."""
+    head = "<section id='doctor'><h2>Doctor</h2>"
+    if not isinstance(doctor, dict):
+        return (
+            f"{head}<p>No doctor findings in <code>results.json</code>.</p></section>"
+        )
+    model = doctor.get("model", {})
+    runs = "; ".join(
+        f"{esc(r.get('optimizer'))} at lr {esc(show(r.get('lr')))}"
+        + (
+            f", momentum {esc(show(r['momentum']))}"
+            if r.get("momentum") is not None
+            else ""
+        )
+        + f", {esc(show(r.get('steps')))} steps: {esc(show(r.get('findings')))} "
+        "finding(s)"
+        for r in doctor.get("runs", [])
+    )
+    counts = ", ".join(
+        f"{esc(show(n))} {esc(s)}" for s, n in doctor.get("counts", {}).items()
+    )
+    rows = []
+    for f in doctor.get("findings", []):
+        steps = f.get("steps") or []
+        evidence = f.get("evidence") or {}
+        colour = SEVERITY_COLOURS.get(f.get("severity"), "#57606a")
+        rows.append(
+            f"<tr><td style='color:{colour}'><b>{esc(f.get('severity'))}</b></td>"
+            f"<td>{esc(f.get('title'))}<br><small><code>{esc(f.get('code'))}</code> "
+            f"({esc(f.get('source'))})</small></td>"
+            f"<td><code>{esc(f.get('scope'))}</code></td>"
+            f"<td>{esc('–'.join(show(x) for x in steps))}</td>"
+            f"<td>{'<br>'.join(f'{esc(k)} = {esc(show(v))}' for k, v in evidence.items())}"
+            f"</td><td>{esc(f.get('threshold'))}<br><small>{esc(f.get('basis'))}"
+            f"</small></td><td>{esc(f.get('action'))}</td></tr>"
+        )
+    table = (
+        "<div class='scroll'><table class='doctor'><tr><th>severity</th>"
+        "<th>finding</th><th>parameter</th><th>steps</th><th>evidence</th>"
+        "<th>threshold and its source</th><th>action</th></tr>"
+        f"{''.join(rows)}</table></div>"
+        if rows
+        else "<p>No findings.</p>"
+    )
+    return f"""{head}
+<p><code>optiscope doctor</code>'s findings on the lab's own training: the digits
+MLP ({esc(show(model.get("depth")))} hidden layers of {esc(show(model.get("hidden")))}
+units, dropout {esc(show(model.get("dropout")))}, batch {esc(show(model.get("batch")))},
+seed {esc(show(model.get("seed")))}) trained with probed optimizers: {runs}.
+Findings: {counts}.</p>
+<p>A healthy run should show at most <b>info</b> findings; a <b>warning</b> or an
+<b>error</b> points at a problem in the training itself.</p>
+{table}</section>"""
+
+
 def _combination(result: dict[str, Any]) -> str:
     """The sentence on how checks combine: the criterion text after its last check."""
     text = result["criterion"]
@@ -385,8 +444,10 @@ started {esc(run["started"])}, {esc(run["wall_time_s"])} s of wall time{
 <tr><th>claim</th><th>statement</th><th>verdict</th><th>measured</th></tr>{
         summary
     }</table></div>
-{skipped_html}</section>
+{skipped_html}<p><a href="#doctor">Doctor</a>: optiscope doctor on the lab's own
+training runs.</p></section>
 {"".join(_section(k, r, pngs, source) for k, r in claims.items())}
+{_doctor(document.get("doctor"))}
 </main></body></html>
 """
 

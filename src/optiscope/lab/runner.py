@@ -161,7 +161,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
 
     import optiscope
 
-    from . import cache, report
+    from . import cache, checkup, report
     from .claims import CLAIMS, SOURCE, Context, Shared
     from .data import DataError, load
     from .files import PARTIAL, Folder, OutputError
@@ -192,6 +192,8 @@ def _run(args: argparse.Namespace, out: Path) -> int:
             "torch": torch.__version__,
         }
         cached: dict[str, dict[str, Any]] = {}
+        doctor: dict[str, Any] | None = None
+        doctor_file = f"{PARTIAL}/{checkup.KEY}.json"
         if args.resume:
             for key in selected:
                 path = out / PARTIAL / f"{key}.json"
@@ -200,6 +202,11 @@ def _run(args: argparse.Namespace, out: Path) -> int:
                         cached[key] = cache.load(path, key, config)
                     except cache.CacheError as error:
                         return _fail(str(error))
+            if (out / doctor_file).exists():
+                try:
+                    doctor = cache.read(out / doctor_file, config, checkup.problems)
+                except cache.CacheError as error:
+                    return _fail(str(error))
         else:
             for relative in folder.owned_under(PARTIAL):
                 folder.remove(relative)
@@ -240,6 +247,15 @@ def _run(args: argparse.Namespace, out: Path) -> int:
                 }
                 folder.write(f"{PARTIAL}/{key}.json", cache.entry(config, results[key]))
                 progress.update(task, completed=1.0)
+            # optiscope doctor on the lab's own training (a resumed run that
+            # lacks it computes it).
+            task = progress.add_task("doctor: probed Adam and Momentum runs", total=1.0)
+            if doctor is None:
+                doctor = checkup.run(data, args.seed, args.quick)
+                folder.write(doctor_file, cache.entry(config, doctor))
+                progress.update(task, completed=1.0)
+            else:
+                progress.update(task, completed=1.0, description="doctor (resumed)")
 
         document = {
             "schema": cache.SCHEMA,
@@ -248,6 +264,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
             "data": data.describe(),
             "not_run": [k for k in KEYS if k not in selected],
             "claims": results,
+            "doctor": doctor,
             "run": {
                 "started": started.isoformat(timespec="seconds"),
                 "wall_time_s": round(time.perf_counter() - clock, 1),
