@@ -401,6 +401,9 @@ def _worker(rank: int, out_dir: str) -> None:
             {f"{w.category.__name__}: {w.message} ({w.filename})" for w in caught}
         )
         path.write_text(json.dumps(results))
+    # Both ranks done before either tears gloo down: a rank that destroys its
+    # group while the other still talks to it aborts the process.
+    dist.barrier()
     dist.destroy_process_group()
 
 

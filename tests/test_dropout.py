@@ -310,6 +310,9 @@ def _dtensor_ranks(rank: int, init_file: str, out_dir: str) -> None:
             "output": y.full_tensor(),
         }
         torch.save(results, f"{out_dir}/rank{rank}.pt")
+        # Both ranks done before either tears gloo down: a rank that destroys
+        # its group while the other still talks to it aborts the process.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
