@@ -1,12 +1,12 @@
-"""Fixed chunks, claimed one at a time by the threads of a small pool.
+"""Fixed chunks, claimed one at a time by the threads of torch's OpenMP team.
 
 A kernel sees the tensors of a step as int64 arrays of data addresses and
 sizes (:func:`view` makes a chunk's arrays from them), so 200 small tensors
 cost one call, not 200.
 
 Work is cut into chunks of :data:`CHUNK` elements of one tensor, whatever the
-thread count. The same kernel runs (``nogil``) on every thread, each taking
-the next free chunk from a shared counter (:func:`claim`) until none is left.
+thread count. The same kernel runs (``nogil``) on every thread of the team
+torch's own ops use (:func:`run`), each taking the next free chunk from a shared counter (:func:`claim`) until none is left.
 Every update is elementwise and a chunk is computed the same way whichever
 thread takes it, so results are bitwise identical across runs and thread
 counts; a probe's per-chunk sums are reduced per tensor in chunk order
@@ -15,7 +15,13 @@ afterwards (:func:`~optiscope.kernels.cpu.tables.fold_partials`).
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import itertools
+import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numba
@@ -46,11 +52,20 @@ class Chunks(NamedTuple):
 
 def chunk_table(sizes: np.ndarray) -> Chunks:
     """The chunks of tensors of ``sizes`` (int64) elements, none claimed yet."""
+    tensor, start = _cut(sizes.tobytes())
+    return Chunks(sizes, tensor, start, np.zeros(1, np.int64))
+
+
+@functools.lru_cache(maxsize=64)  # a training loop steps the same sizes each time
+def _cut(sizes_bytes: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """The tensor and first element of each chunk (read-only, shared by calls)."""
+    sizes = np.frombuffer(sizes_bytes, np.int64)
     counts = -(-sizes // CHUNK)
     tensor = np.repeat(np.arange(sizes.size, dtype=np.int64), counts)
     first_chunk = np.repeat(np.cumsum(counts) - counts, counts)
     start = (np.arange(tensor.size, dtype=np.int64) - first_chunk) * CHUNK
-    return Chunks(sizes, tensor, start, np.zeros(1, np.int64))
+    tensor.flags.writeable = start.flags.writeable = False
+    return tensor, start
 
 
 @intrinsic
@@ -58,7 +73,7 @@ def claim(typingctx, counter):
     """Take the next chunk: ``counter[0] += 1`` as one atomic operation,
     returning the value before. Threads that share ``counter`` each take the
     chunks they get to, so a thread slowed by another process on its core
-    (torch's OpenMP workers spin for a while after each torch op) takes fewer."""
+    takes fewer."""
     if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
         raise TypingError("counter must be an int64 array")
     sig = types.int64(counter)
@@ -137,21 +152,82 @@ def _either(first, second):
     return lambda first, second: first
 
 
-# -- the pool -------------------------------------------------------------------------
+# -- the team ------------------------------------------------------------------------
+# torch's CPU ops run on an OpenMP team whose workers, after each op, spin for a
+# few milliseconds waiting for the next one. A pool of our own would share the
+# cores with those spinning workers; handing the chunks to the same team instead
+# puts the spinning threads to work (BENCHMARKS.md, "Sharing torch's cores").
+_Job = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_jobs: dict[int, tuple[Any, Chunks, tuple, list[BaseException]]] = {}
+_job_keys = itertools.count(1)
+
+
+def _work(key: int) -> None:
+    """One team thread's share of job ``key``: claim chunks until none is left."""
+    kernel, chunks, args, errors = _jobs[key]
+    try:
+        kernel(chunks, *args)
+    except BaseException as error:  # re-raised by run(), on the calling thread
+        errors.append(error)
+
+
+_work_entry = _Job(_work)
+
+
+@functools.cache
+def openmp_team() -> Callable[[Any, int, int, int], None] | None:
+    """``GOMP_parallel`` of the OpenMP runtime torch's CPU ops run on, or None
+    where torch uses another backend, the runtime can't be found (no
+    ``/proc/self/maps``) or more than one candidate is loaded and none is torch's.
+    GNU's, Intel's and LLVM's runtimes all export that entry point."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    runtime = re.compile(r"/lib(gomp|iomp5|omp)[-.][^/]*$")
+    loaded = {line.split()[-1] for line in maps.splitlines() if runtime.search(line)}
+    torch_lib = str(Path(torch.__file__).resolve().parent / "lib") + "/"
+    if len(loaded) > 1:
+        loaded = {path for path in loaded if path.startswith(torch_lib)}
+    if len(loaded) != 1:
+        return None
+    try:
+        entry = ctypes.CDLL(loaded.pop()).GOMP_parallel
+    except (OSError, AttributeError):
+        return None
+    entry.argtypes = [_Job, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    entry.restype = None
+    return entry
+
+
 _pool: ThreadPoolExecutor | None = None
 
 
 def run(kernel: Any, chunks: Chunks, *args: Any) -> None:
     """``kernel(chunks, *args)`` on ``torch.get_num_threads()`` threads (this one
-    included), all claiming chunks from ``chunks.taken``. Claimed rather than
-    cut into equal ranges, because right after a torch op (the backward pass)
-    torch's OpenMP workers spin for a few milliseconds on the same cores, and a
-    thread sharing its core with one would hold the whole step back."""
-    global _pool
+    included), all claiming chunks from ``chunks.taken``: the threads of torch's
+    own OpenMP team where :func:`openmp_team` finds it, else a pool of ours.
+    Claimed rather than cut into equal ranges, so that a thread slowed by
+    another process on its core takes fewer chunks instead of holding the step."""
     threads = min(torch.get_num_threads(), chunks.tensor.size)
     if threads < 2 or int(chunks.sizes.sum()) <= CHUNK:
         kernel(chunks, *args)
         return
+    team = openmp_team()
+    if team is not None:
+        key = next(_job_keys)
+        errors: list[BaseException] = []
+        _jobs[key] = (kernel, chunks, args, errors)
+        try:
+            team(_work_entry, key, threads, 0)  # ctypes lets go of the GIL
+        finally:
+            del _jobs[key]
+        if errors:
+            raise errors[0]
+        return
+    global _pool
     if _pool is None or _pool._max_workers < threads - 1:
         _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="optiscope")
     futures = [_pool.submit(kernel, chunks, *args) for _ in range(threads - 1)]
