@@ -57,8 +57,29 @@ def round_robin(variants: dict[str, Callable[[], Any]], rounds: int) -> dict[str
             run()
             times[name].append(time.perf_counter() - start)
     return {
-        name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t)}
+        name: {
+            "median_s": statistics.median(t),
+            "min_s": min(t),
+            "max_s": max(t),
+            "times_s": t,
+        }
         for name, t in times.items()
+    }
+
+
+def paired_ratio(timings: dict[str, dict], base: str, other: str) -> dict[str, float]:
+    """``base``'s time over ``other``'s, round by round (the two ran back to back
+    in each round): median, min and max of those ratios."""
+    ratios = [
+        b / o
+        for b, o in zip(
+            timings[base]["times_s"], timings[other]["times_s"], strict=True
+        )
+    ]
+    return {
+        "median": statistics.median(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
     }
 
 
@@ -123,6 +144,7 @@ def bench_case(case: Case, rounds: int) -> dict[str, Any]:
         "triad_gb_per_s": triad_gbs,
         "variants": timings,
         "speedup_vs_fused": fused / ours,
+        "speedup_vs_fused_per_round": paired_ratio(timings, "torch fused", "optiscope"),
         "speedup_vs_for_loop": loop / ours,
     }
 
