@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .. import _checks, rules
-from . import rows, torch_rule
+from . import loading, numpy_twin, rows, torch_rule
 from .gate import PLAIN_TYPES, Column, Inspection, check_rows, is_plain
 from .records import AdamBatch, AdamHyper, MomentumBatch, MomentumHyper
 
@@ -68,6 +68,14 @@ def adam(
     check_steps(steps, len(batch.params), labels)
     table = _stats_table(stats, len(batch.params), rows.ADAM)
     corrections = advance(steps, hyper)
+    if (
+        table is None
+        and _while_loading(seen)
+        and numpy_twin.takes(batch, hyper.amsgrad)
+    ):
+        loading.start(functools.partial(_warm_adam, batch.params[0].dtype, hyper))
+        numpy_twin.adam_(batch._replace(corrections=corrections), hyper)
+        return
 
     def call(backend: ModuleType, tensors, part, picked, memory) -> None:
         m_max = tensors[4] if hyper.amsgrad else None
@@ -123,7 +131,7 @@ def advance(
     if not steps:
         return []
     steps = list(steps)
-    if _float32_cpu_counters(steps):  # torch's own kind of counter: one pass
+    if loading.ready() and _float32_cpu_counters(steps):  # torch's kind: one pass
         counts = (
             _cpu()
             .advance_steps(np.fromiter(map(_ADDRESS, steps), np.int64, len(steps)))
@@ -219,7 +227,7 @@ def _run(
     if seen.simple and seen.device is not None:  # the usual case, no per-row work
         backend = _backend(params[0])
         routes = {backend: list(range(len(params)))}
-        if backend is _cpu():  # the kernels take the addresses the gate read
+        if backend is loading.ready():  # the CPU kernels take the gate's addresses
             memory = seen.memory
     else:
         routes = defaultdict(list)
@@ -245,11 +253,30 @@ def _run(
 
 
 def _cpu() -> ModuleType:
-    # Imported on the first CPU step, not with optiscope: numba's import and
-    # cache load take about a second.
-    from . import cpu
+    # Loaded on the first CPU step, not with optiscope: numba's import and
+    # cache load take about half a second.
+    return loading.backend()
 
-    return cpu
+
+def _while_loading(seen: Inspection) -> bool:
+    """Whether the rows are bound for the CPU backend, which is not ready yet."""
+    return (
+        loading.ready() is None
+        and seen.simple
+        and seen.device is not None
+        and seen.device.type == "cpu"
+    )
+
+
+def _warm_adam(dtype: torch.dtype, hyper: AdamHyper, cpu: ModuleType) -> None:
+    """One step of one element each through the kernels a plain Adam step of
+    ``dtype`` takes: the same argument types, so the same compiled code."""
+    row = [[torch.zeros(1, dtype=dtype)] for _ in range(5)]
+    vmax = row[4] if hyper.amsgrad else None
+    batch = AdamBatch(*row[:4], vmax, [rules.BiasCorrection(1.0, 1.0)])
+    cpu.adam_(batch, hyper, None)
+    counter = torch.zeros(1)
+    cpu.advance_steps(np.array([counter.data_ptr()], np.int64))
 
 
 def _backend(t: torch.Tensor) -> ModuleType:
