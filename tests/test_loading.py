@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,8 @@ import pytest
 import torch
 
 import optiscope
-from optiscope.kernels import cpu, numpy_twin
-from optiscope.kernels.records import AdamBatch, AdamHyper
+from optiscope.kernels import cpu, loading, numpy_twin
+from optiscope.kernels.records import AdamBatch, AdamHyper, MomentumBatch, MomentumHyper
 from optiscope.rules import bias_corrections
 
 SRC = Path(optiscope.__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ def rows(dtype: torch.dtype, amsgrad: bool, seed: int) -> list[list[torch.Tensor
     """Two rows (θ, g, m, v[, v_max]) of random values with the specials mixed in."""
     gen = torch.Generator().manual_seed(seed)
     out = []
-    for n in (1000, 37):
+    for n in (200_003, 37):  # several chunks, and a tail
         row = [
             torch.randn(n, generator=gen, dtype=dtype) * 10.0 ** (k - 2)
             for k in range(5)
@@ -70,8 +71,12 @@ def rows(dtype: torch.dtype, amsgrad: bool, seed: int) -> list[list[torch.Tensor
     return out
 
 
+def columns_of(row_list: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    return [list(c) for c in zip(*row_list, strict=True)]
+
+
 def step(backend, row_list, h: AdamHyper, t: int) -> None:
-    cols = [list(c) for c in zip(*row_list, strict=True)]
+    cols = columns_of(row_list)
     vmax = cols[4] if h.amsgrad else None
     c = bias_corrections(h.beta1, h.beta2, t, h.bias_correction)
     batch = AdamBatch(*cols[:4], vmax, [c] * len(row_list))
@@ -102,15 +107,82 @@ def test_numpy_twin_takes_the_kernels_steps_bit_for_bit(name, dtype) -> None:
                 assert same_bits(a, b), (name, t)
 
 
-def test_the_twin_takes_one_float_dtype_only() -> None:
-    def batch(*dtypes):
-        return AdamBatch(*[[torch.zeros(2, dtype=d)] for d in dtypes], None, [])
+MOMENTUM = {
+    "momentum": MomentumHyper(0.05, 0.9, 0.0, False),
+    "sgd": MomentumHyper(0.05, 0.0, 0.0, False),
+    "l2-maximize": MomentumHyper(0.03, 0.5, 0.1, True),
+}
 
-    assert numpy_twin.takes(batch(*[torch.float32] * 4), amsgrad=False)
-    assert numpy_twin.takes(batch(*[torch.float64] * 4), amsgrad=False)
-    assert not numpy_twin.takes(batch(*[torch.bfloat16] * 4), amsgrad=False)
+
+@pytest.mark.parametrize("dtype", numpy_twin.DTYPES)
+@pytest.mark.parametrize("name", list(MOMENTUM))
+def test_numpy_twin_takes_the_momentum_kernels_steps_bit_for_bit(name, dtype) -> None:
+    h = MOMENTUM[name]
+    kernel_rows = [row[:3] for row in rows(dtype, False, seed=len(name))]
+    twin_rows = [[t.clone() for t in row] for row in kernel_rows]
+    for t in range(3):
+        cpu.momentum_(MomentumBatch(*columns_of(kernel_rows)), h, None)
+        numpy_twin.momentum_(MomentumBatch(*columns_of(twin_rows)), h)
+        for a_row, b_row in zip(kernel_rows, twin_rows, strict=True):
+            for a, b in zip(a_row, b_row, strict=True):
+                assert same_bits(a, b), (name, t)
+
+
+def test_the_twin_takes_one_float_dtype_only() -> None:
+    def columns(*dtypes):
+        return [[torch.zeros(2, dtype=d)] for d in dtypes]
+
+    assert numpy_twin.takes(columns(*[torch.float32] * 4))
+    assert numpy_twin.takes(columns(*[torch.float64] * 3))
+    assert not numpy_twin.takes(columns(*[torch.bfloat16] * 4))
     mixed = [torch.float32, torch.float32, torch.bfloat16, torch.bfloat16]
-    assert not numpy_twin.takes(batch(*mixed), amsgrad=False)
+    assert not numpy_twin.takes(columns(*mixed))
+
+
+def spy(monkeypatch, name: str) -> list[int]:
+    """Count the calls of ``numpy_twin.<name>`` (which still runs)."""
+    calls: list[int] = []
+    real = getattr(numpy_twin, name)
+    monkeypatch.setattr(numpy_twin, name, lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def one_step(cls, dtype=torch.float32, **options) -> None:
+    p = torch.nn.Parameter(torch.ones(3, dtype=dtype))
+    p.grad = torch.full_like(p, 0.5)
+    cls([p], **options).step()
+
+
+def test_plain_steps_take_the_twin_while_the_kernels_load(monkeypatch) -> None:
+    """And every other step waits for the load (here: the thread ends first)."""
+    release = threading.Event()
+    load = threading.Thread(target=release.wait)
+    load.start()
+    monkeypatch.setattr(loading, "_ready", None)
+    monkeypatch.setattr(loading, "_thread", load)
+    adam, momentum = spy(monkeypatch, "adam_"), spy(monkeypatch, "momentum_")
+    try:
+        one_step(optiscope.Adam)
+        one_step(optiscope.AdamW, torch.float64)
+        one_step(optiscope.Momentum)
+        assert (len(adam), len(momentum)) == (2, 1)
+    finally:
+        release.set()
+    one_step(optiscope.Adam, torch.bfloat16)  # waits, then imports here
+    assert loading.ready() is cpu and len(adam) == 2
+
+
+def test_after_a_failed_load_steps_take_the_kernels(monkeypatch) -> None:
+    """A load that failed on its thread is retried by the next step, in its
+    own thread, which gets any error: no step falls back for ever."""
+    failed = threading.Thread(target=lambda: None)
+    failed.start()
+    failed.join()
+    monkeypatch.setattr(loading, "_ready", None)
+    monkeypatch.setattr(loading, "_thread", failed)
+    adam = spy(monkeypatch, "adam_")
+    one_step(optiscope.Adam)
+    assert not adam and loading.ready() is cpu
 
 
 TESTS = Path(__file__).resolve().parent

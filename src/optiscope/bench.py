@@ -266,7 +266,8 @@ def first_step_latency(rule: str = "Adam", rounds: int = 5) -> dict[str, Any]:
     with the cache filled, and torch's fused step. Each is the median of
     ``rounds`` processes, the three run in turn so that a busy host slows all
     alike; ``cold_process_s`` is the whole cold process, start to exit, which
-    also waits for the kernels compiling behind the first steps."""
+    also waits for the kernels compiling behind the first steps. ``rule`` is
+    ``"Adam"`` or ``"AdamW"``: a name both packages share."""
     scripts = {
         "optiscope": FIRST_STEP.format(
             imports="import optiscope", make=f"optiscope.{rule}", options=""

@@ -13,6 +13,10 @@ Every fused call goes through the same four stages:
 4. each device's rows go to its backend (:mod:`.cpu`, :mod:`.triton` for
    CUDA, :mod:`.torch_rule` for anything else), each with fresh probe rows that
    are then folded into the caller's.
+
+Until the CPU kernels are loaded (:mod:`.loading`), a plain float32 or float64
+CPU step skips stages 3 and 4 (its rows are contiguous) and runs through
+:mod:`.numpy_twin`, with bitwise the kernels' results.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ def momentum(
     columns = momentum_columns(batch)
     seen = check_rows(columns, labels=labels)
     table = _stats_table(stats, len(batch.params), rows.MOMENTUM)
+    if table is None and _while_loading(seen) and numpy_twin.takes(batch):
+        loading.start(functools.partial(_warm, batch.params[0].dtype, hyper))
+        numpy_twin.momentum_(batch, hyper)
+        return
 
     def call(backend: ModuleType, tensors, part, picked, memory) -> None:
         extra = {} if memory is None else {"memory": memory}
@@ -68,12 +76,9 @@ def adam(
     check_steps(steps, len(batch.params), labels)
     table = _stats_table(stats, len(batch.params), rows.ADAM)
     corrections = advance(steps, hyper)
-    if (
-        table is None
-        and _while_loading(seen)
-        and numpy_twin.takes(batch, hyper.amsgrad)
-    ):
-        loading.start(functools.partial(_warm_adam, batch.params[0].dtype, hyper))
+    tensors = [c.tensors for c in columns]
+    if table is None and _while_loading(seen) and numpy_twin.takes(tensors):
+        loading.start(functools.partial(_warm, batch.params[0].dtype, hyper))
         numpy_twin.adam_(batch._replace(corrections=corrections), hyper)
         return
 
@@ -131,13 +136,14 @@ def advance(
     if not steps:
         return []
     steps = list(steps)
-    if loading.ready() and _float32_cpu_counters(steps):  # torch's kind: one pass
+    # torch's own kind of counter, with the kernels ready: one pass.
+    if loading.ready() is not None and _float32_cpu_counters(steps):
         counts = (
             _cpu()
             .advance_steps(np.fromiter(map(_ADDRESS, steps), np.int64, len(steps)))
             .tolist()
         )
-    else:  # counters of other dtypes or devices (a loaded checkpoint, say)
+    else:  # other counters (a loaded checkpoint, say), or no kernels yet
         torch._foreach_add_(steps, 1)
         counts = [t.item() for t in steps]
     corrections = functools.cache(
@@ -261,17 +267,23 @@ def _cpu() -> ModuleType:
 def _while_loading(seen: Inspection) -> bool:
     """Whether the rows are bound for the CPU backend, which is not ready yet."""
     return (
-        loading.ready() is None
+        loading.pending()
         and seen.simple
         and seen.device is not None
         and seen.device.type == "cpu"
     )
 
 
-def _warm_adam(dtype: torch.dtype, hyper: AdamHyper, cpu: ModuleType) -> None:
-    """One step of one element each through the kernels a plain Adam step of
-    ``dtype`` takes: the same argument types, so the same compiled code."""
+def _warm(
+    dtype: torch.dtype, hyper: AdamHyper | MomentumHyper, cpu: ModuleType
+) -> None:
+    """One step of one element each through the kernels a plain step of ``dtype``
+    takes (``hyper`` says which): the argument types of the coming steps, so the
+    same compiled code."""
     row = [[torch.zeros(1, dtype=dtype)] for _ in range(5)]
+    if isinstance(hyper, MomentumHyper):
+        cpu.momentum_(MomentumBatch(*row[:3]), hyper, None)
+        return
     vmax = row[4] if hyper.amsgrad else None
     batch = AdamBatch(*row[:4], vmax, [rules.BiasCorrection(1.0, 1.0)])
     cpu.adam_(batch, hyper, None)

@@ -6,13 +6,15 @@ disk cache: about half a second of Python work, which torch's fused step does
 not pay. A kernel not in the cache (a fresh install, or any edit to the
 kernels' sources: :mod:`.cpu.jit`) compiles for seconds more.
 
-So the first plain Adam step of a process starts that load on a thread
-(:func:`start`) and computes itself with :mod:`.numpy_twin`, whose results
-are bitwise the kernel's; later steps do the same until the kernel is ready
-(:func:`ready`). Every other CPU call (Momentum, probes, float16 and
-bfloat16, dropout) waits for the load (:func:`backend`). The thread is not a
-daemon: a process that ends while it runs waits for it, so numba finishes
-writing its cache.
+So the first plain step of a process (Adam, AdamW or Momentum, no probe,
+float32 or float64) starts that load on a thread (:func:`start`) and computes
+itself with :mod:`.numpy_twin`, whose results are bitwise the kernels'; later
+such steps do the same until the kernels are ready (:func:`ready`). Every
+other CPU call (probes, float16 and bfloat16, dropout) waits for the load
+(:func:`backend`). While the thread works it shares the GIL with the steps,
+so both go slower than alone; it is still sooner than waiting. The thread is
+not a daemon: a process that ends while it runs waits for it, so numba
+finishes writing its cache.
 
 The first kernel of ours that compiles in a process (not found in the cache)
 logs one line, WARNING, on the ``optiscope`` logger: what is compiling and
@@ -37,6 +39,15 @@ _thread: threading.Thread | None = None
 def ready() -> ModuleType | None:
     """The CPU backend if it is loaded and its first kernels are ready, else None."""
     return _ready
+
+
+def pending() -> bool:
+    """Whether the CPU backend is not ready but may still get ready without a
+    wait: no load has started, or one is running. False once a load on the
+    thread has failed: the next call of :func:`backend` then fails in its
+    caller, rather than every step falling back for ever."""
+    thread = _thread
+    return _ready is None and (thread is None or thread.is_alive())
 
 
 def backend() -> ModuleType:

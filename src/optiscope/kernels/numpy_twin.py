@@ -1,10 +1,11 @@
-"""The CPU Adam kernel's arithmetic in NumPy: what a step runs while the kernel loads.
+"""The CPU kernels' arithmetic in NumPy: what a step runs while the kernels load.
 
 numba needs about half a second of imports and setup before the first call of
 a cached kernel, and seconds to compile one that is not cached yet
-(:mod:`.loading`). Meanwhile a plain Adam step (no probe; float32 or float64
+(:mod:`.loading`). Meanwhile a plain step (no probe; float32 or float64
 throughout) is computed here, operation for operation as
-:func:`optiscope.kernels.cpu.adam.adam_element` does it: each NumPy ufunc on
+:func:`optiscope.kernels.cpu.adam.adam_element` and
+:func:`optiscope.kernels.cpu.momentum.momentum_element` do it: each NumPy ufunc on
 a float32 or float64 array is one correctly rounded IEEE operation, and
 numba does not fuse the kernel's multiplies and adds, so every value is
 bitwise the kernel's (NaN stays NaN; its payload bits may differ). A step
@@ -19,20 +20,39 @@ correctly rounded.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
-from .records import AdamBatch, AdamHyper
+from .records import AdamBatch, AdamHyper, MomentumBatch, MomentumHyper
 
 #: The dtypes this path takes: those whose storage is the compute dtype.
 DTYPES = (torch.float32, torch.float64)
 
 
-def takes(batch: AdamBatch, amsgrad: bool) -> bool:
-    """Whether every tensor of ``batch`` is float32, or every one float64."""
-    columns = [*batch[:4], *([batch.max_exp_avg_sqs] if amsgrad else [])]
+def takes(columns: Sequence[Sequence[torch.Tensor]]) -> bool:
+    """Whether every tensor of ``columns`` is float32, or every one float64."""
     dtypes = {t.dtype for column in columns for t in column}
     return len(dtypes) == 1 and dtypes <= set(DTYPES)
+
+
+def momentum_(batch: MomentumBatch, hyper: MomentumHyper) -> None:
+    """:func:`optiscope.rules.momentum_step` on every row of ``batch``, in place,
+    with the CPU kernel's rounding. The caller guarantees :func:`takes`,
+    contiguous CPU tensors, and what the gate checks."""
+    for row in zip(*batch, strict=True):
+        theta, grad, buffer = (t.detach().numpy() for t in row)
+        c = theta.dtype.type
+        lr, beta, weight = c(hyper.lr), c(hyper.momentum), c(1.0 - hyper.momentum)
+        sign = c(-1.0 if hyper.maximize else 1.0)
+        with np.errstate(all="ignore"):
+            g = sign * grad
+            if c(hyper.weight_decay) != 0:
+                g = g + c(hyper.weight_decay) * theta
+            m = weight * g if beta == 0 else beta * buffer + weight * g
+            buffer[...] = m
+            theta[...] = theta - lr * m
 
 
 def adam_(batch: AdamBatch, hyper: AdamHyper) -> None:
@@ -41,7 +61,7 @@ def adam_(batch: AdamBatch, hyper: AdamHyper) -> None:
     CPU tensors, and what the gate checks."""
     for i, (c1, c2) in enumerate(batch.corrections):
         theta, grad, m_, v_ = (column[i].detach().numpy() for column in batch[:4])
-        vmax_ = batch.max_exp_avg_sqs[i].numpy() if hyper.amsgrad else None
+        vmax_ = batch.max_exp_avg_sqs[i].detach().numpy() if hyper.amsgrad else None
         _adam_row(theta, grad, m_, v_, vmax_, hyper, c1, c2)
 
 
