@@ -139,6 +139,14 @@ def test_the_twin_takes_one_float_dtype_only() -> None:
     assert not numpy_twin.takes(columns(*mixed))
 
 
+def test_the_twin_takes_no_step_larger_than_its_limit() -> None:
+    """Beyond it, waiting for the kernel is sooner (no memory: expanded views)."""
+    one = torch.zeros(1)
+    at_limit = [[one.expand(numpy_twin.MAX_ELEMENTS - 1), one]] * 4
+    assert numpy_twin.takes(at_limit)
+    assert not numpy_twin.takes([[*row, one] for row in at_limit])
+
+
 def spy(monkeypatch, name: str) -> list[int]:
     """Count the calls of ``numpy_twin.<name>`` (which still runs)."""
     calls: list[int] = []
@@ -147,8 +155,8 @@ def spy(monkeypatch, name: str) -> list[int]:
     return calls
 
 
-def one_step(cls, dtype=torch.float32, **options) -> None:
-    p = torch.nn.Parameter(torch.ones(3, dtype=dtype))
+def one_step(cls, dtype=torch.float32, shape=(3,), **options) -> None:
+    p = torch.nn.Parameter(torch.ones(shape, dtype=dtype))
     p.grad = torch.full_like(p, 0.5)
     cls([p], **options).step()
 
@@ -164,12 +172,13 @@ def test_plain_steps_take_the_twin_while_the_kernels_load(monkeypatch) -> None:
     try:
         one_step(optiscope.Adam)
         one_step(optiscope.AdamW, torch.float64)
+        one_step(optiscope.Adam, shape=())
         one_step(optiscope.Momentum)
-        assert (len(adam), len(momentum)) == (2, 1)
+        assert (len(adam), len(momentum)) == (3, 1)
     finally:
         release.set()
     one_step(optiscope.Adam, torch.bfloat16)  # waits, then imports here
-    assert loading.ready() is cpu and len(adam) == 2
+    assert loading.ready() is cpu and len(adam) == 3
 
 
 def test_after_a_failed_load_steps_take_the_kernels(monkeypatch) -> None:

@@ -29,12 +29,31 @@ from .records import AdamBatch, AdamHyper, MomentumBatch, MomentumHyper
 
 #: The dtypes this path takes: those whose storage is the compute dtype.
 DTYPES = (torch.float32, torch.float64)
+#: The most parameter elements of a step this path takes. An Adam step here
+#: costs about 6 ns an element (1 thread, this project's 2-core machine; the
+#: kernel about 1.2), and loading a kernel from numba's cache about 0.5 s in
+#: all: beyond this many elements, waiting for the kernel is sooner.
+MAX_ELEMENTS = 1 << 26
+#: Elements per slice: the temporaries of a slice stay in cache (the rule is
+#: elementwise, so slicing changes no value).
+_SLICE = 1 << 15
 
 
 def takes(columns: Sequence[Sequence[torch.Tensor]]) -> bool:
-    """Whether every tensor of ``columns`` is float32, or every one float64."""
+    """Whether every tensor of ``columns`` is float32, or every one float64, and
+    the parameters (``columns[0]``) have at most :data:`MAX_ELEMENTS` in all."""
     dtypes = {t.dtype for column in columns for t in column}
-    return len(dtypes) == 1 and dtypes <= set(DTYPES)
+    if len(dtypes) != 1 or not dtypes <= set(DTYPES):
+        return False
+    return sum(t.numel() for t in columns[0]) <= MAX_ELEMENTS
+
+
+def _slices(*arrays: np.ndarray | None):
+    """The arrays (1-d, one length; None stays None) cut into :data:`_SLICE`
+    elements at a time."""
+    size = arrays[0].size
+    for start in range(0, size, _SLICE):
+        yield [None if a is None else a[start : start + _SLICE] for a in arrays]
 
 
 def momentum_(batch: MomentumBatch, hyper: MomentumHyper) -> None:
@@ -42,17 +61,23 @@ def momentum_(batch: MomentumBatch, hyper: MomentumHyper) -> None:
     with the CPU kernel's rounding. The caller guarantees :func:`takes`,
     contiguous CPU tensors, and what the gate checks."""
     for row in zip(*batch, strict=True):
-        theta, grad, buffer = (t.detach().numpy() for t in row)
-        c = theta.dtype.type
-        lr, beta, weight = c(hyper.lr), c(hyper.momentum), c(1.0 - hyper.momentum)
-        sign = c(-1.0 if hyper.maximize else 1.0)
-        with np.errstate(all="ignore"):
-            g = sign * grad
-            if c(hyper.weight_decay) != 0:
-                g = g + c(hyper.weight_decay) * theta
-            m = weight * g if beta == 0 else beta * buffer + weight * g
-            buffer[...] = m
-            theta[...] = theta - lr * m
+        arrays = [t.detach().numpy().reshape(-1) for t in row]
+        for theta, grad, buffer in _slices(*arrays):
+            _momentum_slice(theta, grad, buffer, hyper)
+
+
+def _momentum_slice(theta, grad, buffer, hyper: MomentumHyper) -> None:
+    # The rule's scalars rounded once to the compute dtype, as cpu.momentum_ does.
+    c = theta.dtype.type
+    lr, beta, weight = c(hyper.lr), c(hyper.momentum), c(1.0 - hyper.momentum)
+    sign, decay = c(-1.0 if hyper.maximize else 1.0), c(hyper.weight_decay)
+    with np.errstate(all="ignore"):
+        g = sign * grad
+        if decay != 0:
+            g = g + decay * theta
+        m = weight * g if beta == 0 else beta * buffer + weight * g
+        buffer[...] = m
+        theta[...] = theta - lr * m
 
 
 def adam_(batch: AdamBatch, hyper: AdamHyper) -> None:
@@ -60,12 +85,15 @@ def adam_(batch: AdamBatch, hyper: AdamHyper) -> None:
     the CPU kernel's rounding. The caller guarantees :func:`takes`, contiguous
     CPU tensors, and what the gate checks."""
     for i, (c1, c2) in enumerate(batch.corrections):
-        theta, grad, m_, v_ = (column[i].detach().numpy() for column in batch[:4])
-        vmax_ = batch.max_exp_avg_sqs[i].detach().numpy() if hyper.amsgrad else None
-        _adam_row(theta, grad, m_, v_, vmax_, hyper, c1, c2)
+        columns = [*batch[:4], batch.max_exp_avg_sqs if hyper.amsgrad else None]
+        arrays = [
+            None if c is None else c[i].detach().numpy().reshape(-1) for c in columns
+        ]
+        for theta, grad, m_, v_, vmax_ in _slices(*arrays):
+            _adam_slice(theta, grad, m_, v_, vmax_, hyper, c1, c2)
 
 
-def _adam_row(theta, grad, m_, v_, vmax_, hyper: AdamHyper, c1: float, c2: float):
+def _adam_slice(theta, grad, m_, v_, vmax_, hyper: AdamHyper, c1: float, c2: float):
     # The rule's scalars rounded once to the compute dtype, as cpu.adam_ does.
     c = theta.dtype.type
     decoupled = hyper.decoupled_weight_decay
