@@ -13,6 +13,10 @@ Every fused call goes through the same four stages:
 4. each device's rows go to its backend (:mod:`.cpu`, :mod:`.triton` for
    CUDA, :mod:`.torch_rule` for anything else), each with fresh probe rows that
    are then folded into the caller's.
+
+Until the CPU kernels are loaded (:mod:`.loading`), a plain float32 or float64
+CPU step skips stages 3 and 4 (its rows are contiguous) and runs through
+:mod:`.numpy_twin`, with bitwise the kernels' results.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import numpy as np
 import torch
 
 from .. import _checks, rules
-from . import rows, torch_rule
+from . import loading, numpy_twin, rows, torch_rule
 from .gate import PLAIN_TYPES, Column, Inspection, check_rows, is_plain
 from .records import AdamBatch, AdamHyper, MomentumBatch, MomentumHyper
 
@@ -45,6 +49,10 @@ def momentum(
     columns = momentum_columns(batch)
     seen = check_rows(columns, labels=labels)
     table = _stats_table(stats, len(batch.params), rows.MOMENTUM)
+    if table is None and _while_loading(seen) and numpy_twin.takes(batch):
+        loading.start(functools.partial(_warm, batch.params[0].dtype, hyper))
+        numpy_twin.momentum_(batch, hyper)
+        return
 
     def call(backend: ModuleType, tensors, part, picked, memory) -> None:
         extra = {} if memory is None else {"memory": memory}
@@ -68,6 +76,11 @@ def adam(
     check_steps(steps, len(batch.params), labels)
     table = _stats_table(stats, len(batch.params), rows.ADAM)
     corrections = advance(steps, hyper)
+    tensors = [c.tensors for c in columns]
+    if table is None and _while_loading(seen) and numpy_twin.takes(tensors):
+        loading.start(functools.partial(_warm, batch.params[0].dtype, hyper))
+        numpy_twin.adam_(batch._replace(corrections=corrections), hyper)
+        return
 
     def call(backend: ModuleType, tensors, part, picked, memory) -> None:
         m_max = tensors[4] if hyper.amsgrad else None
@@ -123,13 +136,14 @@ def advance(
     if not steps:
         return []
     steps = list(steps)
-    if _float32_cpu_counters(steps):  # torch's own kind of counter: one pass
+    # torch's own kind of counter, with the kernels ready: one pass.
+    if loading.ready() is not None and _float32_cpu_counters(steps):
         counts = (
             _cpu()
             .advance_steps(np.fromiter(map(_ADDRESS, steps), np.int64, len(steps)))
             .tolist()
         )
-    else:  # counters of other dtypes or devices (a loaded checkpoint, say)
+    else:  # other counters (a loaded checkpoint, say), or no kernels yet
         torch._foreach_add_(steps, 1)
         counts = [t.item() for t in steps]
     corrections = functools.cache(
@@ -219,7 +233,7 @@ def _run(
     if seen.simple and seen.device is not None:  # the usual case, no per-row work
         backend = _backend(params[0])
         routes = {backend: list(range(len(params)))}
-        if backend is _cpu():  # the kernels take the addresses the gate read
+        if backend is loading.ready():  # the CPU kernels take the gate's addresses
             memory = seen.memory
     else:
         routes = defaultdict(list)
@@ -245,11 +259,36 @@ def _run(
 
 
 def _cpu() -> ModuleType:
-    # Imported on the first CPU step, not with optiscope: numba's import and
-    # cache load take about a second.
-    from . import cpu
+    # Loaded on the first CPU step, not with optiscope: numba's import and
+    # cache load take about half a second.
+    return loading.backend()
 
-    return cpu
+
+def _while_loading(seen: Inspection) -> bool:
+    """Whether the rows are bound for the CPU backend, which is not ready yet."""
+    return (
+        loading.pending()
+        and seen.simple
+        and seen.device is not None
+        and seen.device.type == "cpu"
+    )
+
+
+def _warm(
+    dtype: torch.dtype, hyper: AdamHyper | MomentumHyper, cpu: ModuleType
+) -> None:
+    """One step of one element each through the kernels a plain step of ``dtype``
+    takes (``hyper`` says which): the argument types of the coming steps, so the
+    same compiled code."""
+    row = [[torch.zeros(1, dtype=dtype)] for _ in range(5)]
+    if isinstance(hyper, MomentumHyper):
+        cpu.momentum_(MomentumBatch(*row[:3]), hyper, None)
+        return
+    vmax = row[4] if hyper.amsgrad else None
+    batch = AdamBatch(*row[:4], vmax, [rules.BiasCorrection(1.0, 1.0)])
+    cpu.adam_(batch, hyper, None)
+    counter = torch.zeros(1)
+    cpu.advance_steps(np.array([counter.data_ptr()], np.int64))
 
 
 def _backend(t: torch.Tensor) -> ModuleType:
