@@ -26,3 +26,33 @@ def test_first_step_latency_times_ours_cold_and_warm_and_torch_fused() -> None:
     for key in medians:
         assert times[key] == times["runs"][key][0] > 0
     assert times["cold_process_s"] > times["cold_cache_s"]
+
+
+def test_targets_say_met_or_not_from_the_median() -> None:
+    from optiscope.bench import targets
+
+    def row(rule: str, median: float) -> dict:
+        ratio = {"median": median, "min": median - 0.1, "max": median + 0.1}
+        return {
+            "rule": rule,
+            "numel": 10,
+            "tensors": 1,
+            "threads": 2,
+            "speedup_vs_fused_per_round": ratio,
+        }
+
+    one_thread = {**row("Adam", 0.5), "threads": 1}  # no target at 1 thread
+    report = {"optimizers": [row("Adam", 1.02), row("Momentum", 0.97), one_thread]}
+    report["first_step"] = {
+        "runs": {
+            "warm_cache_s": [2.1, 2.2, 2.9],
+            "cold_cache_s": [5.0, 2.3, 2.4],
+            "torch_fused_s": [2.0, 2.0, 2.0],
+        }
+    }
+    found = {t["target"]: t for t in targets(report)}
+    assert [t["met"] for t in found.values()] == [True, False, True, True]
+    warm = found["first Adam step, warm numba cache, seconds over torch fused's"]
+    assert abs(warm["median"] - 0.2) < 1e-12 and abs(warm["max"] - 0.9) < 1e-12
+    cold = found["first Adam step, empty numba cache, seconds over torch fused's"]
+    assert abs(cold["max"] - 3.0) < 1e-12 and cold["met"]  # the median decides
