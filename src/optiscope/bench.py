@@ -215,7 +215,8 @@ def bench_dropout(side: int, threads: int, rounds: int, p: float = 0.5) -> dict:
 
     The in-place variant is timed as a net uses it: on a non-leaf activation,
     made fresh each round by the ``clone`` variant (``h = x.clone()``), whose
-    own time is reported on its own line and is not part of the dropout's. Its
+    own time (the previous ``h`` freed included) is reported on its own line
+    and is not part of the dropout's. Its
     backward is ``h.backward(g)``: our backward, then clone's, which passes the
     gradient on untouched, and x's gradient, which takes that tensor without a
     copy. ``clone`` is also the baseline of our out-of-place forward: one read
@@ -249,7 +250,10 @@ def bench_dropout(side: int, threads: int, rounds: int, p: float = 0.5) -> dict:
         optiscope.functional.dropout(activation["h"], p, inplace=True)
 
     def inplace_backward() -> None:
-        activation.pop("h").backward(g)
+        # h stays until the next clone replaces it: freeing an activation is
+        # not the dropout's cost (the out-of-place outputs above are freed by
+        # the next forward, which allocated them).
+        activation["h"].backward(g)
         x.grad = None
 
     steps["clone"] = clone  # runs just before the in-place pair, every round
