@@ -17,7 +17,15 @@ def test_bench_quick_writes_every_section(tmp_path) -> None:
         assert set(r["timings"]) == {"probes off", "probes on", "every=10"}
     variants = set(report["optimizers"][0]["variants"])
     assert variants == {"torch for-loop", "torch foreach", "torch fused", "optiscope"}
-    assert report["dropout"][0]["saved_bytes"]["optiscope"] == 0
+    dropout = report["dropout"][0]
+    assert dropout["saved_bytes"]["optiscope"] == 0
+    assert dropout["saved_bytes"]["optiscope inplace"] == 0
+    assert dropout["saved_bytes"]["torch"] > 0
+    assert {"clone", "optiscope inplace forward", "optiscope inplace backward"} <= set(
+        dropout["timings"]
+    )
+    for ratio in ("speedup", "speedup_inplace", "forward_vs_clone"):
+        assert dropout[ratio] > 0
 
 
 def test_first_step_latency_times_ours_cold_and_warm_and_torch_fused() -> None:

@@ -25,27 +25,36 @@ INDUCTOR_WARNING = pytest.mark.filterwarnings(
 )
 
 
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("numel", [1, 3, 4, 1001, 3 * (1 << 16) + 7])
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_mask_is_the_philox_reference_bit_for_bit(dtype, numel, p) -> None:
+def test_mask_is_the_philox_reference_bit_for_bit(dtype, numel, p, inplace) -> None:
+    """Out of place and written over its input (the kernel's own loop for that)."""
     x = randn((numel,), dtype=dtype)
-    y = cpu.dropout_forward(x, p, SEED, offset=(1 << 32) + 5)
+    expected = x.clone()
     keep = torch.from_numpy(philox.keep_mask(numel, p, SEED, (1 << 32) + 5))
-    assert torch.equal(y, torch.where(keep, x * (1.0 / (1.0 - p)), 0.0))
+    y = cpu.dropout_forward(x, p, SEED, (1 << 32) + 5, out=x if inplace else None)
+    assert (y is x) == inplace
+    assert torch.equal(y, torch.where(keep, expected * (1.0 / (1.0 - p)), 0.0))
 
 
-def test_bitwise_identical_across_thread_counts() -> None:
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_bitwise_identical_across_thread_counts(inplace) -> None:
     x = randn((5 * (1 << 16) + 3,))
     before = torch.get_num_threads()
     try:
         outputs = []
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            outputs.append(cpu.dropout_forward(x, 0.3, SEED, 0))
+            h = x.clone()
+            outputs.append(
+                cpu.dropout_forward(h, 0.3, SEED, 0, out=h if inplace else None)
+            )
     finally:
         torch.set_num_threads(before)
     assert torch.equal(outputs[0], outputs[1])
+    assert not torch.equal(outputs[0], x)  # the mask was applied at all
 
 
 def stored_mask_gradient(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, p: float):

@@ -232,6 +232,21 @@ def saved_bytes(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> 
 
 
 def bench_dropout(side: int, threads: int, rounds: int, p: float = 0.5) -> dict:
+    """torch's ``F.dropout`` and ours, forward and backward, on a ``side × side``
+    float32 leaf; our ``inplace=True`` on an activation; and ``x.clone()``.
+
+    The in-place variant is timed as a net uses it: on a non-leaf activation,
+    made fresh each round by the ``clone`` variant (``h = x.clone()``), whose
+    own time (the previous ``h`` freed included) is reported on its own line
+    and is not part of the dropout's. Its
+    backward is ``h.backward(g)``: our backward, then clone's, which passes the
+    gradient on untouched, and x's gradient, which takes that tensor without a
+    copy. ``clone`` is also the baseline of our out-of-place forward: one read
+    and one write of a fresh tensor, as the forward does. Returned ratios, of
+    medians: ``speedup`` (torch forward+backward over ours), ``speedup_inplace``
+    (over our in-place forward+backward) and ``forward_vs_clone`` (our
+    out-of-place forward over clone; at most 1 means no slower than a copy).
+    """
     torch.set_num_threads(threads)
     x = torch.randn(side, side, requires_grad=True)
     g = torch.randn(side, side)
@@ -248,22 +263,49 @@ def bench_dropout(side: int, threads: int, rounds: int, p: float = 0.5) -> dict:
             x.grad = None
 
         steps[f"{name} forward"], steps[f"{name} backward"] = forward, backward
+    activation: dict[str, torch.Tensor] = {}
+
+    def clone() -> None:
+        activation["h"] = x.clone()
+
+    def inplace_forward() -> None:
+        optiscope.functional.dropout(activation["h"], p, inplace=True)
+
+    def inplace_backward() -> None:
+        # h stays until the next clone replaces it: freeing an activation is
+        # not the dropout's cost (the out-of-place outputs above are freed by
+        # the next forward, which allocated them).
+        activation["h"].backward(g)
+        x.grad = None
+
+    steps["clone"] = clone  # runs just before the in-place pair, every round
+    steps["optiscope inplace forward"] = inplace_forward
+    steps["optiscope inplace backward"] = inplace_backward
     timings = round_robin(steps, rounds)
-    for name in variants:
+    for name in (*variants, "optiscope inplace"):
         timings[f"{name} forward+backward"] = {
             "median_s": timings[f"{name} forward"]["median_s"]
             + timings[f"{name} backward"]["median_s"]
         }
+
+    def median(name: str) -> float:
+        return timings[name]["median_s"]
+
     both = "forward+backward"
     return {
         "shape": [side, side],
         "threads": threads,
         "p": p,
         "timings": timings,
-        "speedup": timings[f"torch {both}"]["median_s"]
-        / timings[f"optiscope {both}"]["median_s"],
+        "speedup": median(f"torch {both}") / median(f"optiscope {both}"),
+        "speedup_inplace": median(f"torch {both}")
+        / median(f"optiscope inplace {both}"),
+        "forward_vs_clone": median("optiscope forward") / median("clone"),
         "saved_bytes": {
-            n: saved_bytes(lambda h, f=f: f(h, p), x) for n, f in variants.items()
+            **{n: saved_bytes(lambda h, f=f: f(h, p), x) for n, f in variants.items()},
+            "optiscope inplace": saved_bytes(
+                lambda h: optiscope.functional.dropout(h.clone(), p, inplace=True), x
+            ),
         },
     }
 

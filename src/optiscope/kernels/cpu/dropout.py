@@ -72,24 +72,41 @@ def _block_words(block, c2, c3, k0, k1):
     return _philox(block & _LOW32, block >> _U32, c2, c3, k0, k1)
 
 
+@numba.njit(inline="always", **JIT)
+def _mask_four(x, out, i, words, cut, scale):
+    """Elements ``i .. i+3`` of ``out``: ``x * scale`` where the block's word is
+    ``>= cut``, else 0; each element is read before it is written."""
+    r0, r1, r2, r3 = words
+    nothing = scale - scale
+    y0 = load(x, i, scale) * scale  # loaded either way: no branch to vectorize
+    y1 = load(x, i + 1, scale) * scale
+    y2 = load(x, i + 2, scale) * scale
+    y3 = load(x, i + 3, scale) * scale
+    store(out, i, y0 if r0 >= cut else nothing)
+    store(out, i + 1, y1 if r1 >= cut else nothing)
+    store(out, i + 2, y2 if r2 >= cut else nothing)
+    store(out, i + 3, y3 if r3 >= cut else nothing)
+
+
 @numba.njit(**JIT)
 def _mask_blocks(x, out, first_block, cut, scale, c2, c3, k0, k1):
     """Whole blocks: ``x`` and ``out`` are views of ``4 * blocks`` elements from
     element ``4 * first_block`` (uint64) on. Indices are ``4b + j`` with ``b`` from
     a ``range``: provably non-negative, so numba adds no wraparound branch and
     LLVM sees consecutive accesses."""
-    nothing = scale - scale
     for b in range(x.size // 4):
-        r0, r1, r2, r3 = _block_words(first_block + np.uint64(b), c2, c3, k0, k1)
-        i = 4 * b
-        y0 = load(x, i, scale) * scale  # loaded either way: no branch to vectorize
-        y1 = load(x, i + 1, scale) * scale
-        y2 = load(x, i + 2, scale) * scale
-        y3 = load(x, i + 3, scale) * scale
-        store(out, i, y0 if r0 >= cut else nothing)
-        store(out, i + 1, y1 if r1 >= cut else nothing)
-        store(out, i + 2, y2 if r2 >= cut else nothing)
-        store(out, i + 3, y3 if r3 >= cut else nothing)
+        words = _block_words(first_block + np.uint64(b), c2, c3, k0, k1)
+        _mask_four(x, out, 4 * b, words, cut, scale)
+
+
+@numba.njit(**JIT)
+def _mask_blocks_inplace(x, first_block, cut, scale, c2, c3, k0, k1):
+    """:func:`_mask_blocks` written over ``x``. Not ``_mask_blocks(x, x)``: of
+    two arrays LLVM vectorizes only behind a run-time check that they do not
+    overlap, which ``x`` over itself fails, and the scalar loop is ~4x slower."""
+    for b in range(x.size // 4):
+        words = _block_words(first_block + np.uint64(b), c2, c3, k0, k1)
+        _mask_four(x, x, 4 * b, words, cut, scale)
 
 
 @numba.njit(**JIT)
@@ -103,11 +120,11 @@ def _mask_tail(x, out, block, cut, scale, c2, c3, k0, k1):
 
 
 @numba.njit(parallel=True, **JIT)
-def dropout_kernel(x, out, cut, scale, seed, offset):
+def dropout_kernel(x, out, cut, scale, seed, offset, inplace):
     """``out_i = x_i * scale`` where Philox word ``r_i >= cut``, else 0.
 
     ``scale`` is γ in the compute dtype; ``seed`` and ``offset`` are uint64, as
-    in :mod:`optiscope.kernels.philox`.
+    in :mod:`optiscope.kernels.philox`. ``inplace``: ``out`` is ``x`` itself.
     """
     n = x.size
     k0, k1 = seed & _LOW32, seed >> _U32
@@ -119,7 +136,10 @@ def dropout_kernel(x, out, cut, scale, seed, offset):
         tail = stop - (stop - start) % 4
         block = np.uint64(start // 4)
         xs, outs = x[start:tail], out[start:tail]
-        _mask_blocks(xs, outs, block, cut64, scale, c2, c3, k0, k1)
+        if inplace:
+            _mask_blocks_inplace(xs, block, cut64, scale, c2, c3, k0, k1)
+        else:
+            _mask_blocks(xs, outs, block, cut64, scale, c2, c3, k0, k1)
         if tail < stop:
             block = np.uint64(tail // 4)
             xs, outs = x[tail:stop], out[tail:stop]
@@ -216,6 +236,7 @@ def dropout_forward(
         scale,
         np.uint64(seed),
         np.uint64(offset),
+        out is x,
     )
     return out
 
