@@ -11,27 +11,26 @@ things make the generator fast without changing a bit of it:
 * **Masking in the same loop.** Block ``b`` covers elements ``4b .. 4b+3``, so
   the loop that makes its four words also writes those four outputs.
 
-Chunks are the fixed ``CHUNK``-element chunks of :mod:`.threads`, under
-``prange``, so results are bitwise identical across thread counts.
+Chunks are the fixed ``CHUNK``-element chunks of :mod:`.threads`, claimed by
+the threads of torch's OpenMP team as the optimizer kernels' are, so results
+are bitwise identical across thread counts.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
-import types as pytypes
 from typing import Any
 
 import numba
 import numpy as np
 import torch
-from numba import prange
 
 from ... import rules
 from .. import philox
 from .bits import load, store
 from .jit import JIT
-from .threads import CHUNK
+from .threads import CHUNK, chunk_table, claim, run
 
 _M0 = np.uint64(philox.PHILOX_M0)
 _M1 = np.uint64(philox.PHILOX_M1)
@@ -119,9 +118,10 @@ def _mask_tail(x, out, block, cut, scale, c2, c3, k0, k1):
         store(out, j, load(x, j, scale) * scale if keep else nothing)
 
 
-@numba.njit(parallel=True, **JIT)
-def dropout_kernel(x, out, cut, scale, seed, offset, inplace):
-    """``out_i = x_i * scale`` where Philox word ``r_i >= cut``, else 0.
+@numba.njit(**JIT)
+def dropout_kernel(chunks, x, out, cut, scale, seed, offset, inplace):
+    """``out_i = x_i * scale`` where Philox word ``r_i >= cut``, else 0, on the
+    chunks this thread claims (:func:`~.threads.run`).
 
     ``scale`` is γ in the compute dtype; ``seed`` and ``offset`` are uint64, as
     in :mod:`optiscope.kernels.philox`. ``inplace``: ``out`` is ``x`` itself.
@@ -130,8 +130,11 @@ def dropout_kernel(x, out, cut, scale, seed, offset, inplace):
     k0, k1 = seed & _LOW32, seed >> _U32
     c2, c3 = offset & _LOW32, offset >> _U32
     cut64 = np.uint64(cut)
-    for c in prange((n + CHUNK - 1) // CHUNK):
-        start = c * CHUNK  # CHUNK is a multiple of 4: chunks start on a block
+    while True:
+        c = claim(chunks.taken)
+        if c >= chunks.start.size:
+            return
+        start = chunks.start[c]  # CHUNK is a multiple of 4: chunks start on a block
         stop = min(start + CHUNK, n)
         tail = stop - (stop - start) % 4
         block = np.uint64(start // 4)
@@ -156,17 +159,18 @@ def _count_blocks(first_block, blocks, cut, c2, c3, k0, k1):
     return kept
 
 
-@numba.njit(parallel=True, **JIT)
-def count_kernel(numel, cut, seed, offset):
-    """The number of ``i < numel`` whose Philox word ``r_i >= cut``; reads no
-    memory. Counts per fixed chunk, then sums the chunks in order."""
+@numba.njit(**JIT)
+def count_kernel(chunks, numel, cut, seed, offset, kept):
+    """``kept[c]``: how many ``i`` of chunk ``c`` have Philox word ``r_i >= cut``,
+    for the chunks this thread claims; reads no tensor."""
     k0, k1 = seed & _LOW32, seed >> _U32
     c2, c3 = offset & _LOW32, offset >> _U32
     cut64 = np.uint64(cut)
-    chunks = (numel + CHUNK - 1) // CHUNK
-    kept = np.zeros(chunks, np.int64)
-    for c in prange(chunks):
-        start = c * CHUNK
+    while True:
+        c = claim(chunks.taken)
+        if c >= chunks.start.size:
+            return
+        start = chunks.start[c]
         stop = min(start + CHUNK, numel)
         blocks = (stop - start) // 4
         kept[c] = _count_blocks(np.uint64(start >> 2), blocks, cut64, c2, c3, k0, k1)
@@ -175,39 +179,10 @@ def count_kernel(numel, cut, seed, offset):
             words = _block_words(np.uint64(tail >> 2), c2, c3, k0, k1)
             for j in range(stop - tail):
                 kept[c] += words[j] >= cut64
-    return kept.sum()
-
-
-def _serial_twin(kernel: Any) -> Any:
-    """The same kernel compiled without threads (``prange`` runs as ``range``),
-    for small tensors: waking a thread pool costs more than their work, and much
-    more when torch's own OpenMP threads are still spinning on the cores. It
-    has its own name, so the two never share a cache entry."""
-    source = kernel.py_func
-    twin = pytypes.FunctionType(
-        source.__code__, source.__globals__, f"{source.__name__}_serial"
-    )
-    twin.__qualname__ = f"{source.__qualname__}_serial"
-    twin.__doc__ = source.__doc__
-    return numba.njit(**JIT)(twin)
-
-
-dropout_kernel_serial = _serial_twin(dropout_kernel)
-count_kernel_serial = _serial_twin(count_kernel)
 
 
 # -- host wrappers ---------------------------------------------------------------------
 _BITS = {torch.bfloat16: torch.uint16, torch.float16: torch.int16}
-
-
-def _pick(parallel: Any, serial: Any, numel: int) -> Any:
-    """``parallel`` on ``torch.get_num_threads()`` threads when there is more than
-    one chunk to share, else ``serial``."""
-    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    if threads < 2 or numel <= CHUNK:
-        return serial
-    numba.set_num_threads(threads)
-    return parallel
 
 
 def dropout_forward(
@@ -228,8 +203,9 @@ def dropout_forward(
     bits = _BITS.get(x.dtype, x.dtype)
     wide = rules.compute_dtype(x.dtype) == torch.float64
     scale = (np.float64 if wide else np.float32)(1.0 / (1.0 - p))
-    kernel = _pick(dropout_kernel, dropout_kernel_serial, x.numel())
-    kernel(
+    run(
+        dropout_kernel,
+        chunk_table(np.array([x.numel()], np.int64)),
         x.view(bits).reshape(-1).numpy(),
         out.view(bits).reshape(-1).numpy(),
         philox.threshold(p),
@@ -246,8 +222,18 @@ def count_kept(numel: int, p: float, seed: int, offset: int) -> int:
     generated without reading or writing a tensor: ``0 <= p <= 1``."""
     if p == 1.0 or numel == 0:
         return 0  # the threshold 2^32 does not fit a word; nothing is kept
-    kernel = _pick(count_kernel, count_kernel_serial, numel)
-    return int(kernel(numel, philox.threshold(p), np.uint64(seed), np.uint64(offset)))
+    chunks = chunk_table(np.array([numel], np.int64))
+    kept = np.zeros(chunks.start.size, np.int64)
+    run(
+        count_kernel,
+        chunks,
+        numel,
+        philox.threshold(p),
+        np.uint64(seed),
+        np.uint64(offset),
+        kept,
+    )
+    return int(kept.sum())
 
 
 _HUGE_PAGE = 1 << 21
