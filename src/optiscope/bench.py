@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -67,20 +67,19 @@ def round_robin(variants: dict[str, Callable[[], Any]], rounds: int) -> dict[str
     }
 
 
-def paired_ratio(timings: dict[str, dict], base: str, other: str) -> dict[str, float]:
-    """``base``'s time over ``other``'s, round by round (the two ran back to back
-    in each round): median, min and max of those ratios."""
-    ratios = [
-        b / o
-        for b, o in zip(
-            timings[base]["times_s"], timings[other]["times_s"], strict=True
-        )
-    ]
-    return {
-        "median": statistics.median(ratios),
-        "min": min(ratios),
-        "max": max(ratios),
-    }
+def paired_ratio(
+    timings: dict[str, dict], base: Sequence[str], other: Sequence[str]
+) -> dict[str, float]:
+    """The summed times of the variants ``base`` over those of ``other``, round by
+    round (one round ran them all, back to back): median, min and max."""
+
+    def sums(names: Sequence[str]) -> list[float]:
+        return [
+            sum(t) for t in zip(*(timings[n]["times_s"] for n in names), strict=True)
+        ]
+
+    ratios = [b / o for b, o in zip(sums(base), sums(other), strict=True)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
 def torch_optimizer(rule: str, params: list[torch.Tensor], impl: str):
@@ -144,7 +143,9 @@ def bench_case(case: Case, rounds: int) -> dict[str, Any]:
         "triad_gb_per_s": triad_gbs,
         "variants": timings,
         "speedup_vs_fused": fused / ours,
-        "speedup_vs_fused_per_round": paired_ratio(timings, "torch fused", "optiscope"),
+        "speedup_vs_fused_per_round": paired_ratio(
+            timings, ["torch fused"], ["optiscope"]
+        ),
         "speedup_vs_for_loop": loop / ours,
     }
 
@@ -301,6 +302,14 @@ def bench_dropout(side: int, threads: int, rounds: int, p: float = 0.5) -> dict:
         "speedup_inplace": median(f"torch {both}")
         / median(f"optiscope inplace {both}"),
         "forward_vs_clone": median("optiscope forward") / median("clone"),
+        "speedup_inplace_per_round": paired_ratio(
+            timings,
+            ["torch forward", "torch backward"],
+            ["optiscope inplace forward", "optiscope inplace backward"],
+        ),
+        "forward_vs_clone_per_round": paired_ratio(
+            timings, ["optiscope forward"], ["clone"]
+        ),
         "saved_bytes": {
             **{n: saved_bytes(lambda h, f=f: f(h, p), x) for n, f in variants.items()},
             "optiscope inplace": saved_bytes(
@@ -526,6 +535,28 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         if row["threads"] == 2:
             name = f"{row['rule']} {row['numel']:,}×{row['tensors']}, 2 threads vs torch fused"
             add(name, row["speedup_vs_fused_per_round"], 1.0, True)
+    for d in report.get("dropout", []):
+        shape = "×".join(map(str, d["shape"]))
+        where = f"{shape}, p={d['p']}, {d['threads']} thread(s)"
+        add(
+            f"dropout inplace=True fwd+bwd vs torch F.dropout fwd+bwd, {where}",
+            d["speedup_inplace_per_round"],
+            20.0,
+            True,
+        )
+        add(
+            f"dropout forward (not in place) vs x.clone(), {where}",
+            d["forward_vs_clone_per_round"],
+            1.0,
+            False,
+        )
+        saved = float(d["saved_bytes"]["optiscope inplace"])
+        add(
+            f"dropout inplace=True, bytes saved for backward, {where}",
+            {"median": saved, "min": saved, "max": saved},
+            0.0,
+            False,
+        )
     first = report.get("first_step")
     if first:
         runs = first["runs"]
@@ -613,13 +644,21 @@ def render(report: dict[str, Any]) -> str:
     for d in report["dropout"]:
         shape = "×".join(map(str, d["shape"]))
         for name, t in d["timings"].items():
-            owner = name.split()[0]
+            owner = "optiscope inplace" if "inplace" in name else name.split()[0]
             saved = f"{d['saved_bytes'][owner]:,} B" if "backward" in name else ""
             lines.append(
                 f"| {shape} p={d['p']} | {d['threads']} | {name} | {ms(t)} | {saved} |"
             )
         lines.append(
             f"| | {d['threads']} | **speedup fwd+bwd** | {d['speedup']:.1f}× | |"
+        )
+        lines.append(
+            f"| | {d['threads']} | **speedup fwd+bwd, in place** | "
+            f"{d['speedup_inplace']:.1f}× | |"
+        )
+        lines.append(
+            f"| | {d['threads']} | **forward / clone** | "
+            f"{d['forward_vs_clone']:.2f} | |"
         )
     first = report["first_step"]
     if first is not None:
