@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import optiscope
+from optiscope.kernels import loading
 
 #: Bytes read + written per element by one step (fp32): Momentum reads
 #: θ, g, m and writes θ, m; Adam reads θ, g, m, v and writes θ, m, v.
@@ -454,6 +455,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ]
     cases += [Case(rule, many, count, t) for t in threads for rule in BYTES_PER_ELEMENT]
     report: dict[str, Any] = {"machine": machine(), "rounds": rounds, "quick": quick}
+    # Load the CPU kernels here, before any timing: a first step would load them
+    # on a thread, whose imports and compiles hold the GIL from the variants.
+    loading.backend()
     with _progress() as progress:
         task = progress.add_task("bench", total=len(cases) + len(threads) * 4 + 2)
         report["bandwidth"] = []
