@@ -39,7 +39,8 @@ _LIB.define(
     "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, "
     "float lr, float beta1, float beta2, float eps, float weight_decay, "
     "bool decoupled_weight_decay, bool amsgrad, bool maximize, "
-    "bool bias_correction, Tensor(f!)? stats) -> ()"
+    "bool bias_correction, int? rounding_seed, int[] rounding_streams, "
+    "Tensor(f!)? stats) -> ()"
 )
 
 
@@ -77,11 +78,15 @@ def _adam_impl(
     amsgrad: bool,
     maximize: bool,
     bias_correction: bool,
+    rounding_seed: int | None,
+    rounding_streams: list[int],
     stats: torch.Tensor | None,
 ) -> None:
     """:func:`optiscope.rules.adam_step` on every row, in one pass; each
     ``steps[i]`` is advanced by one first. ``max_exp_avg_sqs`` is empty unless
-    ``amsgrad`` (an operator's list argument cannot be None)."""
+    ``amsgrad`` (an operator's list argument cannot be None). With a
+    ``rounding_seed`` the bfloat16 moments are rounded stochastically, row
+    ``i`` drawing from stream ``rounding_streams[i]``."""
     hyper = AdamHyper(
         lr,
         beta1,
@@ -95,7 +100,14 @@ def _adam_impl(
     )
     m_max = max_exp_avg_sqs if amsgrad else None
     batch = AdamBatch(params, grads, exp_avgs, exp_avg_sqs, m_max, [])
-    dispatch.adam(batch, hyper, steps, stats)
+    dispatch.adam(
+        batch,
+        hyper,
+        steps,
+        stats,
+        rounding_seed=rounding_seed,
+        rounding_streams=rounding_streams,
+    )
 
 
 def _fake(*args: Any) -> None:
@@ -117,7 +129,7 @@ def _bump_versions(written: tuple[int, ...]) -> Any:
 
 for _name, _impl, _written in (
     ("momentum_", _momentum_impl, (0, 2, 7)),
-    ("adam_", _adam_impl, (0, 2, 3, 4, 5, 15)),
+    ("adam_", _adam_impl, (0, 2, 3, 4, 5, 17)),
 ):
     for _key in ("CPU", "CUDA"):
         _LIB.impl(_name, _impl, _key)
