@@ -15,6 +15,7 @@ from configs import adam_hyper, config, corrections
 import optiscope
 from optiscope import reference, rules
 from optiscope.kernels import cpu, philox, torch_rule
+from optiscope.kernels.cpu.threads import CHUNK
 from optiscope.kernels.records import AdamBatch, StochasticRounding
 
 BF16 = torch.bfloat16
@@ -236,3 +237,41 @@ def test_a_float32_group_added_later_is_refused_at_the_step() -> None:
     with pytest.raises(ValueError, match="needs bfloat16 moments"):
         opt.step()
     assert torch.equal(v, torch.ones(3)) and not opt.state
+
+
+def test_a_probe_changes_no_value_and_measures_the_step() -> None:
+    """With a probe the stochastic loop also sums: the step writes the same bits
+    as unprobed, and grad_rms / update_rms / param_rms are those of the tensors.
+    The sums are float32 per chunk, one term per element; even added one by
+    one in a single lane (CHUNK terms) with 3 roundings per term, a sum of
+    squares is within (CHUNK + 3)·2^-24 relative, its root within half that."""
+    gen = torch.Generator().manual_seed(8)
+    start = torch.randn(NUMEL, generator=gen)
+    g = torch.randn(NUMEL, generator=gen)
+    results = {}
+    for probe in (False, True):
+        w = torch.nn.Parameter(start.clone())
+        w.grad = g
+        opt = optiscope.Adam(
+            [w],
+            state_dtype=BF16,
+            amsgrad=True,
+            stochastic_rounding=True,
+            rounding_seed=SEED,
+            probe=probe,
+        )
+        opt.step()
+        results[probe] = (w.detach().clone(), dict(opt.state[w]), opt.probes)
+    (w0, s0, _), (w1, s1, record) = results[False], results[True]
+    assert torch.equal(w0, w1)
+    for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        assert torch.equal(s0[name], s1[name]), name
+    row = record["params"]["group0.param0"]
+
+    def rms(t: torch.Tensor) -> float:
+        return t.double().pow(2).mean().sqrt().item()
+
+    tolerance = (CHUNK + 3) * 2.0**-24 / 2
+    assert row["grad_rms"] == pytest.approx(rms(g), rel=tolerance)
+    assert row["update_rms"] == pytest.approx(rms(w1 - start), rel=tolerance)
+    assert row["param_rms"] == pytest.approx(rms(w1), rel=tolerance)

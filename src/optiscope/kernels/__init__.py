@@ -285,9 +285,9 @@ def adam_(
             m_max,
             _pick(steps, fused),
             *hyper,
+            part,
             rounding_seed,
             _pick(streams, fused) if streams else [],
-            part,
         )
         _fold(table, part, fused, rows.ADAM)
     if per_tensor:

@@ -39,8 +39,8 @@ _LIB.define(
     "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, "
     "float lr, float beta1, float beta2, float eps, float weight_decay, "
     "bool decoupled_weight_decay, bool amsgrad, bool maximize, "
-    "bool bias_correction, int? rounding_seed, int[] rounding_streams, "
-    "Tensor(f!)? stats) -> ()"
+    "bool bias_correction, Tensor(f!)? stats, int? rounding_seed=None, "
+    "int[] rounding_streams=[]) -> ()"
 )
 
 
@@ -78,9 +78,9 @@ def _adam_impl(
     amsgrad: bool,
     maximize: bool,
     bias_correction: bool,
-    rounding_seed: int | None,
-    rounding_streams: list[int],
     stats: torch.Tensor | None,
+    rounding_seed: int | None = None,
+    rounding_streams: list[int] | tuple[int, ...] = (),
 ) -> None:
     """:func:`optiscope.rules.adam_step` on every row, in one pass; each
     ``steps[i]`` is advanced by one first. ``max_exp_avg_sqs`` is empty unless
@@ -129,7 +129,7 @@ def _bump_versions(written: tuple[int, ...]) -> Any:
 
 for _name, _impl, _written in (
     ("momentum_", _momentum_impl, (0, 2, 7)),
-    ("adam_", _adam_impl, (0, 2, 3, 4, 5, 17)),
+    ("adam_", _adam_impl, (0, 2, 3, 4, 5, 15)),
 ):
     for _key in ("CPU", "CUDA"):
         _LIB.impl(_name, _impl, _key)
