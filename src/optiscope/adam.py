@@ -142,12 +142,6 @@ class Adam(OptiscopeOptimizer):
         return group
 
     def _check_rounding(self, group: dict[str, Any]) -> None:
-        seed = group["rounding_seed"]
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise ValueError(
-                f"rounding_seed must be an int in [0, 2**63) (or None to draw one) "
-                f"with stochastic_rounding=True, got {seed!r}"
-            )
         # Only bfloat16 moments round stochastically; the state dtype of each
         # parameter is known once the group has its parameters.
         dtypes = {group["state_dtype"]} - {None}
@@ -158,6 +152,12 @@ class Adam(OptiscopeOptimizer):
                 "(state_dtype=torch.bfloat16, or bfloat16 parameters with "
                 f"state_dtype=None), got state dtypes "
                 f"{', '.join(sorted(map(str, dtypes)))}"
+            )
+        seed = group["rounding_seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(
+                f"rounding_seed must be an int in [0, 2**63) (or None to draw one) "
+                f"with stochastic_rounding=True, got {seed!r}"
             )
 
     def _state_dtype(self, dtype: torch.dtype, options: dict[str, Any]) -> torch.dtype:
