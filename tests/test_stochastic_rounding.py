@@ -275,3 +275,36 @@ def test_a_probe_changes_no_value_and_measures_the_step() -> None:
     assert row["grad_rms"] == pytest.approx(rms(g), rel=tolerance)
     assert row["update_rms"] == pytest.approx(rms(w1 - start), rel=tolerance)
     assert row["param_rms"] == pytest.approx(rms(w1), rel=tolerance)
+
+
+def test_the_kernels_refuse_a_seed_with_float32_moments() -> None:
+    """Called directly, ``kernels.adam_`` refuses before changing anything."""
+    from optiscope import kernels
+
+    p, g = torch.zeros(4), torch.ones(4)
+    m, v, step = torch.zeros(4), torch.zeros(4), torch.zeros(())
+    with pytest.raises(TypeError) as caught:
+        kernels.adam_(
+            [p],
+            [g],
+            [m],
+            [v],
+            None,
+            [step],
+            lr=0.1,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            decoupled_weight_decay=False,
+            amsgrad=False,
+            maximize=False,
+            bias_correction=True,
+            rounding_seed=SEED,
+            rounding_streams=[0],
+        )
+    assert str(caught.value) == (
+        "stochastic rounding (a rounding_seed) needs bfloat16 moments, got "
+        "torch.float32"
+    )
+    assert step.item() == 0.0 and torch.equal(p, torch.zeros(4))

@@ -275,7 +275,7 @@ def adam_(
             plain=False,
         )
         dispatch.check_steps(picked[5], len(per_tensor), None)
-        dispatch.check_streams(rounding_seed, rounding_streams, len(params))
+        dispatch.check_streams(rounding_seed, rounding_streams, exp_avgs)
     if fused:
         part = _part(table, fused, rows.ADAM)
         m_max = local[4] if amsgrad else []

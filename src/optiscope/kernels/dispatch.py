@@ -76,7 +76,7 @@ def adam(
     columns = adam_columns(batch, hyper.amsgrad)
     seen = check_rows(columns, labels=labels)
     check_steps(steps, len(batch.params), labels)
-    check_streams(rounding_seed, rounding_streams, len(batch.params))
+    check_streams(rounding_seed, rounding_streams, batch.exp_avgs)
     table = _stats_table(stats, len(batch.params), rows.ADAM)
     corrections = advance(steps, hyper)
     rounding = stochastic_rounding(rounding_seed, rounding_streams, steps)
@@ -152,11 +152,20 @@ def advance(
     return [corrections(int(t)) for t in counts]
 
 
-def check_streams(seed: int | None, streams: Sequence[int], count: int) -> None:
-    """With stochastic rounding, a seed in ``[0, 2^63)`` and one stream in
-    ``[0, 2^31)`` per parameter."""
+def check_streams(
+    seed: int | None, streams: Sequence[int], exp_avgs: Sequence[torch.Tensor]
+) -> None:
+    """With stochastic rounding: bfloat16 moments, a seed in ``[0, 2^63)`` and
+    one stream in ``[0, 2^31)`` per parameter."""
     if seed is None:
         return
+    count = len(exp_avgs)
+    dtypes = {t.dtype for t in exp_avgs}
+    if dtypes - {torch.bfloat16}:
+        raise TypeError(
+            "stochastic rounding (a rounding_seed) needs bfloat16 moments, got "
+            f"{', '.join(sorted(map(str, dtypes)))}"
+        )
     if not 0 <= seed < 2**63:
         raise ValueError(f"rounding_seed must be in [0, 2**63), got {seed}")
     if len(streams) != count or not all(0 <= s < 2**31 for s in streams):

@@ -150,8 +150,8 @@ def _adam_kernel(
     # (1 - beta2) * g first: g * g overflows float32 for |g| >= 1.85e19.
     v = v * f64(beta2, compute) + (f64(one_minus_beta2, compute) * g) * g
     if STOCHASTIC:
-        # Word i of philox.random_words: word i & 3 of block i >> 2 (each
-        # block made four times here; the rounding is not the bottleneck).
+        # Word i of philox.random_words: word i & 3 of block i >> 2, each block
+        # made by all four of its elements' lanes (no lane exchange needed).
         block = offs >> 2
         zero = tl.zeros_like(offs).to(tl.uint32)
         r0, r1, r2, r3 = _philox4x32_10(
