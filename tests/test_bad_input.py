@@ -103,6 +103,31 @@ BAD_OPTIONS = [
         TypeError,
         "state_dtype must be None",
     ),
+    (
+        optiscope.Adam,
+        {"stochastic_rounding": True, "state_dtype": torch.float32},
+        ValueError,
+        "stochastic_rounding=True needs bfloat16 moments (state_dtype="
+        "torch.bfloat16, or bfloat16 parameters with state_dtype=None), got "
+        "state dtypes torch.float32",
+    ),
+    (
+        optiscope.AdamW,
+        {
+            "stochastic_rounding": True,
+            "state_dtype": torch.bfloat16,
+            "rounding_seed": -1,
+        },
+        ValueError,
+        "rounding_seed must be an int in [0, 2**63) (or None to draw one) with "
+        "stochastic_rounding=True, got -1",
+    ),
+    (
+        optiscope.Adam,
+        {"stochastic_rounding": "yes"},
+        TypeError,
+        "stochastic_rounding must be True or False, got 'yes'",
+    ),
 ]
 
 

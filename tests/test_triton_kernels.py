@@ -45,6 +45,7 @@ from optiscope.kernels.records import (
     AdamHyper,
     MomentumBatch,
     MomentumHyper,
+    StochasticRounding,
 )
 
 INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
@@ -54,7 +55,7 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 
 _PACKAGE = "optiscope.kernels.triton"
 # Its modules, each after those it imports, then the package.
-_SUBMODULES = ["common", "probe_rows", "momentum", "adam", "dropout"]
+_SUBMODULES = ["common", "probe_rows", "momentum", "dropout", "adam"]
 _MODULES = [*(f"{_PACKAGE}.{name}" for name in _SUBMODULES), _PACKAGE]
 _imported_before = any(name in sys.modules for name in _MODULES)
 tk = importlib.import_module(_PACKAGE)
@@ -305,6 +306,38 @@ def test_adam_huge_finite_gradient_keeps_v_finite(name) -> None:
         theta, _, v = _reference_adam(start, [(grads, [1] * len(grads))], options, i)
         np.testing.assert_allclose(state.exp_avg_sqs[i].cpu(), v, rtol=1e-6)
         np.testing.assert_allclose(state.params[i].cpu(), theta, rtol=1e-6, atol=1e-7)
+
+
+def test_stochastic_rounding_matches_the_oracle_bit_for_bit() -> None:
+    """bfloat16 moments rounded stochastically: with beta1 = 1/2, beta2 = 3/4
+    and a 12-bit gradient the first step's m = g/2 and v = g²/4 are exact, so
+    the stored bits are the oracle's rounding of them with the Philox words of
+    ``(seed, stream 2, step 1)`` (low 16 bits for m, high 16 for v)."""
+    seed, numel = 99, 3 * common.OPTIMIZER_BLOCK + 5
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randint(-4095, 4096, (numel,), generator=gen).float() / 1024
+    m = torch.zeros(numel, dtype=torch.bfloat16, device=DEVICE)
+    v, v_max = torch.zeros_like(m), torch.zeros_like(m)
+    options = {**adam_options(config("adam")), "beta1": 0.5, "beta2": 0.75}
+    hyper = AdamHyper(**{**options, "amsgrad": True})
+    offset = rules.rounding_offset(2, 1)
+    batch = AdamBatch(
+        [torch.randn(numel, device=DEVICE)],
+        [g.to(DEVICE)],
+        [m],
+        [v],
+        [v_max],
+        [rules.bias_corrections(0.5, 0.75, 1)],
+        StochasticRounding(seed, [offset]),
+    )
+    tk.adam_(batch, hyper, None)
+    words = philox.random_words(numel, seed, offset)
+    g64 = g.double().numpy()
+    expected_m = reference.stochastic_round_bfloat16(0.5 * g64, words)
+    expected_v = reference.stochastic_round_bfloat16(0.25 * g64 * g64, words >> 16)
+    np.testing.assert_array_equal(m.cpu().double().numpy(), expected_m)
+    np.testing.assert_array_equal(v.cpu().double().numpy(), expected_v)
+    np.testing.assert_array_equal(v_max.cpu().double().numpy(), expected_v)
 
 
 # --- Momentum ----------------------------------------------------------------

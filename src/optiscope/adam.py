@@ -48,6 +48,16 @@ class Adam(OptiscopeOptimizer):
     way. A parameter whose dtype changes after its state was made is refused
     at the next step (see :meth:`OptiscopeOptimizer.step`).
 
+    ``stochastic_rounding=True`` (bfloat16 moments only) rounds the stored
+    ``exp_avg`` and ``exp_avg_sq`` up or down with probability proportional to
+    the distance, so :math:`E[m_\text{stored}] = m` and small updates
+    :math:`(1-\beta_2) g^2 \ll v` are not always rounded away (see
+    :func:`optiscope.rules.stochastic_round`). The random bits are Philox words
+    of ``(rounding_seed, parameter, step, element)``: the same on every backend
+    and thread count, and reproducible from a checkpoint. ``rounding_seed``
+    lives in the param group (so ``state_dict`` keeps it); None draws it from
+    torch's default generator at construction, and only then.
+
     Example:
         >>> import torch, optiscope
         >>> w = torch.nn.Parameter(torch.zeros(3))
@@ -74,8 +84,12 @@ class Adam(OptiscopeOptimizer):
         bias_correction: bool = True,
         *,
         state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        rounding_seed: int | None = None,
         probe: bool = False,
     ) -> None:
+        if stochastic_rounding is True and rounding_seed is None:
+            rounding_seed = int(torch.randint(2**63 - 1, ()))
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -86,8 +100,13 @@ class Adam(OptiscopeOptimizer):
             maximize=maximize,
             bias_correction=bias_correction,
             state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            rounding_seed=rounding_seed,
         )
         super().__init__(params, defaults, probe=probe)
+        for group in self.param_groups:  # the parameters' dtypes, known now
+            if group["stochastic_rounding"]:
+                self._check_rounding(group)
 
     def _check_group(self, group: dict[str, Any]) -> dict[str, Any]:
         group["lr"] = _checks.non_negative("lr", group["lr"])
@@ -101,6 +120,7 @@ class Adam(OptiscopeOptimizer):
             "amsgrad",
             "maximize",
             "bias_correction",
+            "stochastic_rounding",
         ):
             group[name] = _checks.flag(name, group[name])
         state_dtype = group["state_dtype"]
@@ -117,7 +137,28 @@ class Adam(OptiscopeOptimizer):
                 "parameter's dtype) or one of "
                 f"{', '.join(map(str, _STATE_DTYPES))}, got {state_dtype!r}{why}"
             )
+        if group["stochastic_rounding"]:
+            self._check_rounding(group)
         return group
+
+    def _check_rounding(self, group: dict[str, Any]) -> None:
+        # Only bfloat16 moments round stochastically; the state dtype of each
+        # parameter is known once the group has its parameters.
+        dtypes = {group["state_dtype"]} - {None}
+        dtypes |= {self._state_dtype(p.dtype, group) for p in group.get("params", ())}
+        if dtypes - {torch.bfloat16}:
+            raise ValueError(
+                "stochastic_rounding=True needs bfloat16 moments "
+                "(state_dtype=torch.bfloat16, or bfloat16 parameters with "
+                f"state_dtype=None), got state dtypes "
+                f"{', '.join(sorted(map(str, dtypes)))}"
+            )
+        seed = group["rounding_seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(
+                f"rounding_seed must be an int in [0, 2**63) (or None to draw one) "
+                f"with stochastic_rounding=True, got {seed!r}"
+            )
 
     def _state_dtype(self, dtype: torch.dtype, options: dict[str, Any]) -> torch.dtype:
         return options.get("state_dtype") or default_state_dtype(dtype)
@@ -189,8 +230,17 @@ class Adam(OptiscopeOptimizer):
             amsgrad=o["amsgrad"],
             maximize=o["maximize"],
             bias_correction=o["bias_correction"],
+            rounding_seed=o["rounding_seed"] if o["stochastic_rounding"] else None,
+            rounding_streams=self._streams(work) if o["stochastic_rounding"] else (),
             stats=stats,
         )
+
+    def _streams(self, work: GroupWork) -> list[int]:
+        """Each parameter's position across all groups, as ``state_dict``
+        numbers them: its stochastic rounding stream."""
+        first = sum(len(g["params"]) for g in self.param_groups[: work.index])
+        position = {id(p): first + j for j, p in enumerate(work.group["params"])}
+        return [position[id(p)] for p in work.params]
 
     def _corrections(self, work: GroupWork) -> list[tuple[float, float]]:
         beta1, beta2 = work.options["betas"]
@@ -225,6 +275,8 @@ class AdamW(Adam):
         bias_correction: bool = True,
         *,
         state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        rounding_seed: int | None = None,
         probe: bool = False,
     ) -> None:
         super().__init__(
@@ -238,5 +290,7 @@ class AdamW(Adam):
             maximize=maximize,
             bias_correction=bias_correction,
             state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            rounding_seed=rounding_seed,
             probe=probe,
         )

@@ -151,6 +151,56 @@ def bench_case(case: Case, rounds: int) -> dict[str, Any]:
     }
 
 
+def bench_state_dtype(numel: int, threads: int, rounds: int) -> dict[str, Any]:
+    """Adam on one float32 tensor of ``numel`` elements: torch fused (float32
+    state) against optiscope with float32, bfloat16 and stochastically rounded
+    bfloat16 moments. Each round times every variant once, each right after a
+    triad ``a += b/2`` (untimed), as a step comes after the backward's torch
+    ops. bfloat16 moments move 20 bytes per element instead of 28, so 1.4 is
+    the bandwidth-bound speedup. Returns each variant's seconds and its
+    per-round speedup over torch fused (median, min and max over the rounds)."""
+    torch.set_num_threads(threads)
+    grad = torch.randn(numel)
+    a, b = torch.randn(numel), torch.randn(numel)
+
+    def make(build) -> Callable[[], Any]:
+        param = torch.nn.Parameter(torch.randn(numel))
+        param.grad = grad  # read-only in every optimizer: shared to save memory
+        return build([param]).step
+
+    bf16 = dict(lr=LR, state_dtype=torch.bfloat16)
+    steps = {
+        "torch fused": make(lambda ps: torch.optim.Adam(ps, lr=LR, fused=True)),
+        "optiscope float32": make(lambda ps: optiscope.Adam(ps, lr=LR)),
+        "optiscope bfloat16": make(lambda ps: optiscope.Adam(ps, **bf16)),
+        "optiscope bfloat16 stochastic": make(
+            lambda ps: optiscope.Adam(ps, **bf16, stochastic_rounding=True)
+        ),
+    }
+    for step in steps.values():  # warm-up: compile, allocate state
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            a.add_(b, alpha=0.5)
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    fused = times["torch fused"]
+    variants = {}
+    for name, t in times.items():
+        ratios = [f / x for f, x in zip(fused, t, strict=True)]
+        variants[name] = {
+            "median_s": statistics.median(t),
+            "min_s": min(t),
+            "max_s": max(t),
+            "speedup_vs_fused": statistics.median(ratios),
+            "speedup_min": min(ratios),
+            "speedup_max": max(ratios),
+        }
+    return {"numel": numel, "threads": threads, "rounds": rounds, **variants}
+
+
 def bench_bandwidth(numel: int, threads: int, rounds: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     a, b = torch.randn(numel), torch.randn(numel)
@@ -380,36 +430,70 @@ def first_step_latency(rule: str = "Adam", rounds: int = 5) -> dict[str, Any]:
     return result
 
 
-def state_dtype_accuracy(steps: int, seed: int = 0) -> dict[str, Any]:
+#: The moments ``state_dtype_accuracy`` compares: (state dtype, stochastic rounding).
+STATE_VARIANTS = {
+    "float32": (torch.float32, False),
+    "bfloat16": (torch.bfloat16, False),
+    "bfloat16 stochastic": (torch.bfloat16, True),
+}
+
+
+def state_dtype_accuracy(steps: int, seed: int = 0, seeds: int = 1) -> dict[str, Any]:
     """An MLP on the embedded digits, trained with Adam keeping its moments in
-    float32 and in bfloat16: same seed, same batches; test accuracy and loss."""
+    float32, in bfloat16 rounded to nearest, and in bfloat16 rounded
+    stochastically: per seed the same split, initialisation and batches for
+    all three. Each variant reports its test accuracy and loss, averaged over
+    ``seeds`` seeds from ``seed`` on, and each seed's under ``per_seed``;
+    ``loss_difference`` is bfloat16's mean test loss minus float32's (and
+    ``stochastic_loss_difference`` the stochastic one's)."""
     data = np.load(Path(__file__).parent / "lab" / "data" / "digits.npz")
     x = torch.tensor(data["X"], dtype=torch.float32) / 16.0
     y = torch.tensor(data["y"], dtype=torch.int64)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    train, test = order[:1400], order[1400:]
-    results = {}
-    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        torch.manual_seed(seed)
-        model = torch.nn.Sequential(
-            torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)
-        )
-        opt = optiscope.Adam(model.parameters(), lr=1e-3, state_dtype=dtype)
-        batches = torch.Generator().manual_seed(seed)
-        for _ in range(steps):
-            batch = train[torch.randint(len(train), (64,), generator=batches)]
-            opt.zero_grad()
-            F.cross_entropy(model(x[batch]), y[batch]).backward()
-            opt.step()
-        with torch.no_grad():
-            logits = model(x[test])
-            results[name] = {
-                "test_accuracy": (logits.argmax(1) == y[test]).float().mean().item(),
-                "test_loss": F.cross_entropy(logits, y[test]).item(),
-            }
-    results["steps"] = steps
-    results["loss_difference"] = (
-        results["bfloat16"]["test_loss"] - results["float32"]["test_loss"]
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in STATE_VARIANTS}
+    for s in range(seed, seed + seeds):
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(s))
+        train, test = order[:1400], order[1400:]
+        for name, (dtype, stochastic) in STATE_VARIANTS.items():
+            torch.manual_seed(s)
+            model = torch.nn.Sequential(
+                torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)
+            )
+            opt = optiscope.Adam(
+                model.parameters(),
+                lr=1e-3,
+                state_dtype=dtype,
+                stochastic_rounding=stochastic,
+                rounding_seed=s if stochastic else None,
+            )
+            batches = torch.Generator().manual_seed(s)
+            for _ in range(steps):
+                batch = train[torch.randint(len(train), (64,), generator=batches)]
+                opt.zero_grad()
+                F.cross_entropy(model(x[batch]), y[batch]).backward()
+                opt.step()
+            with torch.no_grad():
+                logits = model(x[test])
+                runs[name].append(
+                    {
+                        "seed": s,
+                        "test_accuracy": (logits.argmax(1) == y[test])
+                        .float()
+                        .mean()
+                        .item(),
+                        "test_loss": F.cross_entropy(logits, y[test]).item(),
+                    }
+                )
+    results: dict[str, Any] = {"steps": steps, "seeds": seeds}
+    for name, per_seed in runs.items():
+        results[name] = {
+            key: statistics.mean(r[key] for r in per_seed)
+            for key in ("test_accuracy", "test_loss")
+        }
+        results[name]["per_seed"] = per_seed
+    float32_loss = results["float32"]["test_loss"]
+    results["loss_difference"] = results["bfloat16"]["test_loss"] - float32_loss
+    results["stochastic_loss_difference"] = (
+        results["bfloat16 stochastic"]["test_loss"] - float32_loss
     )
     return results
 
@@ -459,7 +543,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # on a thread, whose imports and compiles hold the GIL from the variants.
     loading.backend()
     with _progress() as progress:
-        task = progress.add_task("bench", total=len(cases) + len(threads) * 4 + 2)
+        task = progress.add_task("bench", total=len(cases) + len(threads) * 4 + 3)
         report["bandwidth"] = []
         for t in threads:
             report["bandwidth"].append(bench_bandwidth(sizes[0], t, rounds))
@@ -489,8 +573,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         progress.update(task, description="first step (fresh process)")
         report["first_step"] = None if quick else first_step_latency()
         progress.advance(task)
+        progress.update(task, description="bfloat16 moments, speed")
+        numel = 1 << 16 if quick else 10_000_000
+        report["state_dtype_speed"] = bench_state_dtype(numel, 1, max(rounds, 3))
+        progress.advance(task)
         progress.update(task, description="state_dtype on digits")
-        report["state_dtype"] = state_dtype_accuracy(20 if quick else 1500)
+        report["state_dtype"] = state_dtype_accuracy(
+            20 if quick else 1500, seeds=1 if quick else 3
+        )
         progress.advance(task)
     report["targets"] = targets(report)
     return report
@@ -560,6 +650,20 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             {"median": saved, "min": saved, "max": saved},
             0.0,
             False,
+        )
+    speed = report.get("state_dtype_speed")
+    if speed:
+        bf16 = speed["optiscope bfloat16"]
+        add(
+            f"Adam, bfloat16 moments, {speed['numel']:,} float32 elements, "
+            f"{speed['threads']} thread vs torch fused (float32 state)",
+            {
+                "median": bf16["speedup_vs_fused"],
+                "min": bf16["speedup_min"],
+                "max": bf16["speedup_max"],
+            },
+            1.3,
+            True,
         )
     first = report.get("first_step")
     if first:
@@ -675,15 +779,32 @@ def render(report: dict[str, Any]) -> str:
             f"{first['cold_process_s']:.2f} s, start to exit); torch fused "
             f"{first['torch_fused_s']:.2f} s.",
         ]
+    speed = report["state_dtype_speed"]
+    lines += [
+        "",
+        f"| Adam, {speed['numel']:,} float32 elements, {speed['threads']} thread "
+        "| ms | vs torch fused, per round |",
+        "|---|---|---|",
+    ]
+    for name, t in speed.items():
+        if isinstance(t, dict):
+            lines.append(
+                f"| {name} | {ms(t)} | {t['speedup_vs_fused']:.2f}× "
+                f"({t['speedup_min']:.2f}–{t['speedup_max']:.2f}) |"
+            )
     s = report["state_dtype"]
     lines += [
         "",
-        f"state_dtype on digits (MLP 64-128-10, Adam lr 1e-3, {s['steps']} steps):"
-        f" float32 states {s['float32']['test_accuracy']:.4f} test accuracy /"
-        f" {s['float32']['test_loss']:.4f} loss; bfloat16 states"
-        f" {s['bfloat16']['test_accuracy']:.4f} / {s['bfloat16']['test_loss']:.4f};"
-        f" loss difference {s['loss_difference']:+.4f}.",
+        f"Moments on digits (MLP 64-128-10, Adam lr 1e-3, {s['steps']} steps, "
+        f"mean of {s['seeds']} seed(s)):",
+        "",
+        "| moments | test accuracy | test loss |",
+        "|---|---|---|",
     ]
+    for name in STATE_VARIANTS:
+        lines.append(
+            f"| {name} | {s[name]['test_accuracy']:.4f} | {s[name]['test_loss']:.4f} |"
+        )
     return "\n".join(lines)
 
 

@@ -95,6 +95,23 @@ def adam_step(
     return theta, m, v, v_max if amsgrad else None
 
 
+def stochastic_round_bfloat16(x: Array, noise: NDArray[np.uint32]) -> Array:
+    r"""``x`` (values a float32 holds exactly) stochastically rounded to bfloat16.
+
+    A float32 is a bfloat16 (its top 16 bits) plus a remainder, its low 16 bits
+    ``low``. It is kept as the bfloat16 below it in magnitude, or the one above
+    when ``low + r >= 2^16``, ``r`` the low 16 bits of ``noise``: for uniform
+    ``r`` the probability of rounding up is ``low / 2^16``, the distance to the
+    lower neighbour over the spacing, so :math:`E[\text{rounded}] = x`.
+    Returns float64.
+    """
+    bits = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    low = bits & np.uint64(0xFFFF)
+    up = low + (noise.astype(np.uint64) & np.uint64(0xFFFF)) >= np.uint64(1 << 16)
+    kept = (bits >> np.uint64(16)) + up.astype(np.uint64)
+    return (kept << np.uint64(16)).astype(np.uint32).view(np.float32).astype(np.float64)
+
+
 def dropout(h: Array, d: NDArray[np.bool_], p: float) -> Array:
     r"""Seed (b): :math:`h_\text{drop} = \gamma\, d \circ h` with :math:`\gamma = 1/(1-p)`.
 

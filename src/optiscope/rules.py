@@ -10,7 +10,9 @@ device). The small rules above them have one home here, used by every backend:
 * :func:`bias_corrections` (:math:`1-\beta^t` in float64 with Python's ``pow``);
 * :func:`effective_step` (Adam's :math:`\alpha/(\sqrt{\hat v}+\epsilon)`);
 * :func:`adam_denominator_is_zero`, the convention where
-  :math:`\sqrt{\hat v}+\epsilon = 0`.
+  :math:`\sqrt{\hat v}+\epsilon = 0`;
+* :func:`stochastic_round` and :func:`rounding_offset`, the stochastic
+  rounding of bfloat16 moments and where its random bits come from.
 
 This module imports nothing else from optiscope but its argument checks.
 """
@@ -76,6 +78,40 @@ def adam_denominator_is_zero(eps: float, dtype: torch.dtype) -> bool:
     when ``eps`` is 0 there, i.e. 0 or below the dtype's least subnormal. Those
     coordinates take no step (they have seen only zero gradients)."""
     return torch.tensor(eps, dtype=dtype).item() == 0.0
+
+
+def rounding_offset(stream: int, step: int) -> int:
+    """The Philox offset of a parameter's stochastic rounding at ``step``:
+    ``stream`` (the parameter's position in the optimizer, counting across
+    groups as ``state_dict`` numbers them) in the high 32 bits, ``step`` in the
+    low, so every parameter and step draws its own words."""
+    return (stream << 32) | (step & 0xFFFFFFFF)
+
+
+def stochastic_round(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    r"""float32 ``x`` rounded to bfloat16, up in magnitude with probability
+    (distance to the lower neighbour) / (spacing), so that
+    :math:`E[\text{stored}] = x`.
+
+    With ``b`` the bits of ``x`` and ``r`` the low 16 bits of ``noise`` (int64,
+    uniform on :math:`[0, 2^{16})` or wider), the stored bits are
+    :math:`\lfloor (b + r) / 2^{16} \rfloor`: ``x``'s low 16 bits plus ``r``
+    carry into the kept half with probability (low bits)/:math:`2^{16}`. A NaN
+    stays a quiet NaN; a value within a spacing of the largest bfloat16 may
+    round to inf, as it would with probability that small.
+
+    >>> x = torch.tensor([1.0 + 2.0**-9])  # a quarter of the way from 1 to 1 + 2^-7
+    >>> low, high = torch.tensor([0xBFFF]), torch.tensor([0xC000])  # r < or >= 3/4
+    >>> stochastic_round(x, low).item(), stochastic_round(x, high).item()
+    (1.0, 1.0078125)
+    """
+    bits = x.to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    kept = (bits + (noise.to(torch.int64) & 0xFFFF)) >> 16
+    kept = torch.where(torch.isnan(x), (bits >> 16) | 0x40, kept)
+    # The kept half back in the top of a float32, which converts exactly.
+    high = kept << 16
+    high = torch.where(high >= 2**31, high - 2**32, high).to(torch.int32)
+    return high.view(torch.float32).to(torch.bfloat16)
 
 
 def momentum_step(
@@ -190,8 +226,15 @@ def adam_update(
     decoupled_weight_decay: bool,
     amsgrad: bool,
     maximize: bool,
+    noise: torch.Tensor | None = None,
 ) -> None:
-    """:func:`adam_step` with its bias corrections already computed."""
+    r""":func:`adam_step` with its bias corrections already computed.
+
+    ``noise``: None (moments rounded to nearest on store), or one int64 word
+    per element for bfloat16 moments: its low 16 bits round :math:`m`, its
+    high 16 bits :math:`v` (:func:`stochastic_round`); with amsgrad the running
+    max keeps :math:`\max(v_\max, v_\text{stored})` while the step divides by
+    :math:`\max(v_\max, v)`, as without it."""
     stored = (param, exp_avg, exp_avg_sq)
     stored += () if max_exp_avg_sq is None else (max_exp_avg_sq,)
     dtype = compute_dtype(*(t.dtype for t in stored))
@@ -207,12 +250,20 @@ def adam_update(
     m = m.lerp(g, 1.0 - beta1)
     v = v.mul(beta2).add_(g.mul(1.0 - beta2).mul_(g))
     used = v
+    kept_m = kept_v = None
+    if noise is not None:
+        kept_m = stochastic_round(m, noise.view(m.shape))
+        kept_v = stochastic_round(v, noise.view(v.shape) >> 16)
     if amsgrad:
-        used = vmax[0] = torch.maximum(vmax[0], v)
+        previous = vmax[0]
+        used = torch.maximum(previous, v)
+        vmax[0] = used if kept_v is None else torch.maximum(previous, kept_v.to(dtype))
     denom = (used.sqrt() / math.sqrt(correction.c2)).add_(eps)
     update = m / denom
     if adam_denominator_is_zero(eps, dtype):
         update = update.masked_fill_(denom == 0, 0.0)
     theta = theta.add(update, alpha=-lr / correction.c1)
+    if kept_m is not None:
+        m, v = kept_m, kept_v
     for target, value in zip(stored, (theta, m, v, *vmax), strict=True):
         target.copy_(value)

@@ -234,9 +234,16 @@ def adam_(
     amsgrad: bool,
     maximize: bool,
     bias_correction: bool,
+    rounding_seed: int | None = None,
+    rounding_streams: Sequence[int] = (),
     stats: np.ndarray | None = None,
 ) -> None:
     """:func:`optiscope.rules.adam_step` on every tensor, in one pass over memory.
+
+    ``rounding_seed``: None to round bfloat16 moments to nearest, or the seed
+    (``0 <= seed < 2^63``) of their stochastic rounding; element ``i`` of
+    tensor ``k`` then takes word ``i`` of :func:`philox.random_words` at offset
+    :func:`optiscope.rules.rounding_offset` ``(rounding_streams[k], step)``.
 
     ``steps[i]`` is tensor ``i``'s step counter (a one-element tensor, torch's
     ``state["step"]``), advanced by one here; ``max_exp_avg_sqs`` is needed only
@@ -268,14 +275,30 @@ def adam_(
             plain=False,
         )
         dispatch.check_steps(picked[5], len(per_tensor), None)
+        dispatch.check_streams(rounding_seed, rounding_streams, exp_avgs)
     if fused:
         part = _part(table, fused, rows.ADAM)
         m_max = local[4] if amsgrad else []
-        ops.adam_(*local[:4], m_max, _pick(steps, fused), *hyper, part)
+        streams = list(rounding_streams) if rounding_seed is not None else []
+        ops.adam_(
+            *local[:4],
+            m_max,
+            _pick(steps, fused),
+            *hyper,
+            part,
+            rounding_seed,
+            _pick(streams, fused) if streams else [],
+        )
         _fold(table, part, fused, rows.ADAM)
     if per_tensor:
         corrections = dispatch.advance(picked[5], hyper)
-        batch = AdamBatch(*picked[:5], corrections)
+        mine = (
+            _pick(list(rounding_streams), per_tensor)
+            if rounding_seed is not None
+            else []
+        )
+        rounding = dispatch.stochastic_rounding(rounding_seed, mine, picked[5])
+        batch = AdamBatch(*picked[:5], corrections, rounding)
         part = (
             None if table is None else dispatch.fresh_rows(len(per_tensor), rows.ADAM)
         )

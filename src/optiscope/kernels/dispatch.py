@@ -34,7 +34,13 @@ import torch
 from .. import _checks, rules
 from . import loading, numpy_twin, rows, torch_rule
 from .gate import PLAIN_TYPES, Column, Inspection, check_rows, is_plain
-from .records import AdamBatch, AdamHyper, MomentumBatch, MomentumHyper
+from .records import (
+    AdamBatch,
+    AdamHyper,
+    MomentumBatch,
+    MomentumHyper,
+    StochasticRounding,
+)
 
 _warned: set[tuple[str, torch.dtype]] = set()
 
@@ -67,15 +73,21 @@ def adam(
     steps: Sequence[torch.Tensor],
     stats: torch.Tensor | None,
     labels: Sequence[str] | None = None,
+    rounding_seed: int | None = None,
+    rounding_streams: Sequence[int] = (),
 ) -> None:
     """:func:`optiscope.rules.adam_step` on every row of ``batch``, fused; each
     ``steps[i]`` (a one-element tensor) is advanced by one first.
-    ``batch.corrections`` is ignored: they are computed here from ``steps``."""
+    ``batch.corrections`` and ``batch.rounding`` are ignored: they are made
+    here from ``steps`` (and, with a ``rounding_seed``, from
+    ``rounding_streams[i]``, row ``i``'s stochastic rounding stream)."""
     columns = adam_columns(batch, hyper.amsgrad)
     seen = check_rows(columns, labels=labels)
     check_steps(steps, len(batch.params), labels)
+    check_streams(rounding_seed, rounding_streams, batch.exp_avgs)
     table = _stats_table(stats, len(batch.params), rows.ADAM)
     corrections = advance(steps, hyper)
+    rounding = stochastic_rounding(rounding_seed, rounding_streams, steps)
     tensors = [c.tensors for c in columns]
     if table is None and _while_loading(seen) and numpy_twin.takes(tensors):
         loading.start(functools.partial(_warm, batch.params[0].dtype, hyper))
@@ -86,7 +98,7 @@ def adam(
         m_max = tensors[4] if hyper.amsgrad else None
         mine = corrections if len(picked) == len(corrections) else None
         mine = mine or [corrections[i] for i in picked]
-        sub = AdamBatch(*tensors[:4], m_max, mine)
+        sub = AdamBatch(*tensors[:4], m_max, mine, _pick_rounding(rounding, picked))
         extra = {} if memory is None else {"memory": memory}
         backend.adam_(sub, hyper, part, **extra)
 
@@ -152,6 +164,51 @@ def advance(
         )
     )
     return [corrections(int(t)) for t in counts]
+
+
+def check_streams(
+    seed: int | None, streams: Sequence[int], exp_avgs: Sequence[torch.Tensor]
+) -> None:
+    """With stochastic rounding: bfloat16 moments, a seed in ``[0, 2^63)`` and
+    one stream in ``[0, 2^31)`` per parameter."""
+    if seed is None:
+        return
+    count = len(exp_avgs)
+    dtypes = {t.dtype for t in exp_avgs}
+    if dtypes - {torch.bfloat16}:
+        raise TypeError(
+            "stochastic rounding (a rounding_seed) needs bfloat16 moments, got "
+            f"{', '.join(sorted(map(str, dtypes)))}"
+        )
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"rounding_seed must be in [0, 2**63), got {seed}")
+    if len(streams) != count or not all(0 <= s < 2**31 for s in streams):
+        raise ValueError(
+            f"rounding_streams must hold one stream in [0, 2**31) per parameter "
+            f"({count}), got {list(streams)[:8]}"
+        )
+
+
+def stochastic_rounding(
+    seed: int | None, streams: Sequence[int], steps: Sequence[torch.Tensor]
+) -> StochasticRounding | None:
+    """The rows' stochastic rounding after :func:`advance` (each offset from
+    the row's stream and new step count), or None to round to nearest."""
+    if seed is None:
+        return None
+    offsets = [
+        rules.rounding_offset(stream, int(t.item()))
+        for stream, t in zip(streams, steps, strict=True)
+    ]
+    return StochasticRounding(seed, offsets)
+
+
+def _pick_rounding(
+    rounding: StochasticRounding | None, picked: list[int]
+) -> StochasticRounding | None:
+    if rounding is None or len(picked) == len(rounding.offsets):
+        return rounding
+    return StochasticRounding(rounding.seed, [rounding.offsets[i] for i in picked])
 
 
 def _float32_cpu_counters(steps: list[torch.Tensor]) -> bool:

@@ -39,7 +39,8 @@ _LIB.define(
     "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, "
     "float lr, float beta1, float beta2, float eps, float weight_decay, "
     "bool decoupled_weight_decay, bool amsgrad, bool maximize, "
-    "bool bias_correction, Tensor(f!)? stats) -> ()"
+    "bool bias_correction, Tensor(f!)? stats, int? rounding_seed=None, "
+    "int[] rounding_streams=[]) -> ()"
 )
 
 
@@ -78,10 +79,14 @@ def _adam_impl(
     maximize: bool,
     bias_correction: bool,
     stats: torch.Tensor | None,
+    rounding_seed: int | None = None,
+    rounding_streams: list[int] | tuple[int, ...] = (),
 ) -> None:
     """:func:`optiscope.rules.adam_step` on every row, in one pass; each
     ``steps[i]`` is advanced by one first. ``max_exp_avg_sqs`` is empty unless
-    ``amsgrad`` (an operator's list argument cannot be None)."""
+    ``amsgrad`` (an operator's list argument cannot be None). With a
+    ``rounding_seed`` the bfloat16 moments are rounded stochastically, row
+    ``i`` drawing from stream ``rounding_streams[i]``."""
     hyper = AdamHyper(
         lr,
         beta1,
@@ -95,7 +100,14 @@ def _adam_impl(
     )
     m_max = max_exp_avg_sqs if amsgrad else None
     batch = AdamBatch(params, grads, exp_avgs, exp_avg_sqs, m_max, [])
-    dispatch.adam(batch, hyper, steps, stats)
+    dispatch.adam(
+        batch,
+        hyper,
+        steps,
+        stats,
+        rounding_seed=rounding_seed,
+        rounding_streams=rounding_streams,
+    )
 
 
 def _fake(*args: Any) -> None:

@@ -19,6 +19,7 @@ __all__ = [
     "BiasCorrection",
     "MomentumBatch",
     "MomentumHyper",
+    "StochasticRounding",
 ]
 
 
@@ -53,11 +54,22 @@ class MomentumBatch(NamedTuple):
     buffers: list[torch.Tensor]
 
 
+class StochasticRounding(NamedTuple):
+    """Where the words that round bfloat16 moments stochastically come from:
+    row ``i`` takes ``philox.random_words(numel, seed, offsets[i])``, with
+    ``offsets[i]`` from :func:`optiscope.rules.rounding_offset`."""
+
+    seed: int
+    offsets: list[int]
+
+
 class AdamBatch(NamedTuple):
     """The tensors of one fused Adam step, one row per parameter.
 
     ``max_exp_avg_sqs`` is None unless amsgrad; ``corrections[i]`` belongs to
-    row ``i`` (its step count has already been advanced).
+    row ``i`` (its step count has already been advanced). ``rounding`` is None
+    (moments rounded to nearest) or where their stochastic rounding's words
+    come from.
     """
 
     params: list[torch.Tensor]
@@ -66,3 +78,4 @@ class AdamBatch(NamedTuple):
     exp_avg_sqs: list[torch.Tensor]
     max_exp_avg_sqs: list[torch.Tensor] | None
     corrections: list[BiasCorrection]
+    rounding: StochasticRounding | None = None

@@ -41,8 +41,13 @@ def momentum_(
 def adam_(batch: AdamBatch, hyper: AdamHyper, stats: np.ndarray | None) -> None:
     options = hyper._asdict()
     del options["bias_correction"]
+    rounding = batch.rounding
     for i in range(len(batch.params)):
         p, v = batch.params[i], batch.exp_avg_sqs[i]
+        noise = None
+        if rounding is not None:  # the words every backend draws
+            words = philox.random_words(p.numel(), rounding.seed, rounding.offsets[i])
+            noise = torch.from_numpy(words.astype(np.int64)).to(p.device)
         vmax = batch.max_exp_avg_sqs[i] if hyper.amsgrad else None
         before = p.detach().clone() if stats is not None else None
         rules.adam_update(
@@ -52,6 +57,7 @@ def adam_(batch: AdamBatch, hyper: AdamHyper, stats: np.ndarray | None) -> None:
             v,
             vmax,
             correction=batch.corrections[i],
+            noise=noise,
             **options,
         )
         if stats is not None:

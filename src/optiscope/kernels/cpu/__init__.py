@@ -35,7 +35,7 @@ from ... import rules
 from .. import rows as layout
 from ..gate import Memory
 from ..records import AdamBatch, AdamHyper, MomentumBatch, MomentumHyper
-from .adam import AdamRule, adam_kernel
+from .adam import AdamRule, Rounding, adam_kernel
 from .dropout import count_kept, dropout_forward
 from .momentum import MomentumRule, momentum_kernel
 from .probe_sums import AdamProbe, MomentumProbe
@@ -196,10 +196,19 @@ def adam_(
             np.sqrt(c2).astype(compute),
             rule,
             probe,
+            _rounding(batch, group.rows),
         )
         if probe is not None:
             rows = np.array(group.rows, np.int64)
             fold_partials(stats, rows, probe.partials, chunks.tensor, True)
+
+
+def _rounding(batch: AdamBatch, rows: list[int]) -> Rounding | None:
+    """Stochastic rounding's seed and the rows' Philox offsets, or None."""
+    if batch.rounding is None:
+        return None
+    offsets = np.array([batch.rounding.offsets[i] for i in rows], np.uint64)
+    return Rounding(batch.rounding.seed, offsets)
 
 
 def _corrections(

@@ -20,9 +20,6 @@ from numba.extending import intrinsic, overload
 from .jit import JIT
 
 U16 = np.uint32(16)
-_BF16_ROUND = np.uint32(0x7FFF)
-_ONE_U32 = np.uint32(1)
-_QUIET_BIT = np.uint32(0x40)
 INF_BITS = np.uint64(0x7FF0000000000000)
 NO_BITS = np.uint64(0)
 ALL_BITS = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -84,13 +81,62 @@ def float_to_half_bits(typingctx, value):
     return sig, codegen
 
 
+def _bfloat16_typer(stochastic):
+    """The typer of an intrinsic rounding a float32 to bfloat16 bits (uint16):
+    ``(bits + addend) >> 16``, a NaN kept as a quiet NaN. To nearest even the
+    addend is ``0x7FFF + lsb``; stochastically it is the low 16 bits of a random
+    word, so the value rounds up in magnitude with probability (distance to
+    the lower neighbour) / (spacing). Written in 32-bit IR because numba would
+    widen uint32 arithmetic to 64 bits and halve the loop's vector width."""
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        bits = builder.bitcast(args[0], i32)
+        top = builder.lshr(bits, ir.Constant(i32, 16))
+        if stochastic:
+            addend = builder.and_(args[1], ir.Constant(i32, 0xFFFF))
+        else:
+            lsb = builder.and_(top, ir.Constant(i32, 1))
+            addend = builder.add(lsb, ir.Constant(i32, 0x7FFF))
+        rounded = builder.lshr(builder.add(bits, addend), ir.Constant(i32, 16))
+        quiet_nan = builder.or_(top, ir.Constant(i32, 0x40))
+        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
+        chosen = builder.select(is_nan, quiet_nan, rounded)
+        return builder.trunc(chosen, ir.IntType(16))
+
+    if stochastic:
+
+        def typer(typingctx, value, noise):
+            if value != types.float32 or noise != types.uint32:
+                raise TypingError("value must be float32 and noise uint32")
+            return types.uint16(value, noise), codegen
+
+        return typer
+
+    def typer(typingctx, value):
+        if value != types.float32:
+            raise TypingError("value must be float32")
+        return types.uint16(value), codegen
+
+    return typer
+
+
+_bfloat16_nearest = intrinsic(_bfloat16_typer(stochastic=False))
+_bfloat16_stochastic = intrinsic(_bfloat16_typer(stochastic=True))
+
+
 @numba.njit(**JIT)
 def bfloat16_bits(value):
     """float32 to bfloat16 bits, rounding to nearest even; NaN stays a (quiet) NaN."""
-    bits = float_bits(value)
-    rounded = (bits + _BF16_ROUND + ((bits >> U16) & _ONE_U32)) >> U16
-    quiet_nan = (bits >> U16) | _QUIET_BIT
-    return np.uint16(quiet_nan if value != value else rounded)
+    return _bfloat16_nearest(value)
+
+
+@numba.njit(**JIT)
+def bfloat16_stochastic_bits(value, noise):
+    """float32 to bfloat16 bits, rounded up in magnitude iff ``lo + noise >= 2^16``
+    where ``lo`` is the value's low 16 bits and ``noise`` the low 16 bits of the
+    uint32 ``noise``: with uniform noise, the expected stored value is ``value``."""
+    return _bfloat16_stochastic(value, noise)
 
 
 # -- loads and stores ------------------------------------------------------------------
@@ -148,6 +194,38 @@ def _store(array, index, value):
         array[index] = value
 
     return store_float
+
+
+def store_stochastic(array, index, value, noise):
+    """``array[index] = value`` for a bfloat16 ``array``, rounded stochastically
+    with the low 16 bits of ``noise`` (see :func:`bfloat16_stochastic_bits`)."""
+
+
+def as_stored_stochastic(array, value, noise):
+    """``value`` as :func:`store_stochastic` stores it, back in the compute dtype."""
+
+
+@overload(store_stochastic)
+def _store_stochastic(array, index, value, noise):
+    if array.dtype != types.uint16:
+        raise TypingError("stochastic rounding stores bfloat16 (uint16) arrays only")
+
+    def store_bfloat16(array, index, value, noise):
+        array[index] = bfloat16_stochastic_bits(np.float32(value), noise)
+
+    return store_bfloat16
+
+
+@overload(as_stored_stochastic)
+def _as_stored_stochastic(array, value, noise):
+    wide = value == types.float64
+
+    def as_bfloat16(array, value, noise):
+        bits = bfloat16_stochastic_bits(np.float32(value), noise)
+        stored = bits_float(np.uint32(bits) << U16)
+        return np.float64(stored) if wide else stored
+
+    return as_bfloat16
 
 
 @overload(as_stored)

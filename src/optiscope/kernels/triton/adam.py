@@ -23,9 +23,18 @@ import triton
 import triton.language as tl
 
 from .. import rows
-from ..records import AdamBatch, AdamHyper
+from ..records import AdamBatch, AdamHyper, StochasticRounding
 from . import common
-from .common import by_device, computes_in_fp64, f64, on, round_to, to_bits
+from .common import (
+    by_device,
+    computes_in_fp64,
+    f64,
+    on,
+    round_stochastic,
+    round_to,
+    to_bits,
+)
+from .dropout import _philox4x32_10
 from .probe_rows import (
     ADAM_COLUMNS,
     eps_threshold,
@@ -85,6 +94,10 @@ def _lerp(start, end, weight):
         "lr",
         "c2",
         "eps_below",
+        "seed_lo",
+        "seed_hi",
+        "offset_lo",
+        "offset_hi",
     ]
 )
 def _adam_kernel(
@@ -106,11 +119,16 @@ def _adam_kernel(
     lr,  # PROBE, with c2: the step formula, in float64
     c2,
     eps_below,  # PROBE: the least float64 v with sqrt(v / c2) >= eps
+    seed_lo,  # STOCHASTIC: the Philox key and offset of this tensor's words
+    seed_hi,
+    offset_lo,
+    offset_hi,
     DECAY: tl.constexpr,  # _NO_DECAY, _L2_DECAY or _DECOUPLED_DECAY
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     FP64: tl.constexpr,
     PROBE: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     compute = tl.float64 if FP64 else tl.float32
@@ -131,13 +149,39 @@ def _adam_kernel(
     m = _lerp(m, g, f64(ema_weight1, compute))
     # (1 - beta2) * g first: g * g overflows float32 for |g| >= 1.85e19.
     v = v * f64(beta2, compute) + (f64(one_minus_beta2, compute) * g) * g
-    tl.store(exp_avg_ptr + offs, round_to(m, exp_avg_ptr.dtype.element_ty), mask=mask)
-    v_stored = round_to(v, exp_avg_sq_ptr.dtype.element_ty)
+    if STOCHASTIC:
+        # Word i of philox.random_words: word i & 3 of block i >> 2, each block
+        # made by all four of its elements' lanes (no lane exchange needed).
+        block = offs >> 2
+        zero = tl.zeros_like(offs).to(tl.uint32)
+        r0, r1, r2, r3 = _philox4x32_10(
+            (block & 0xFFFFFFFF).to(tl.uint32),
+            (block >> 32).to(tl.uint32),
+            zero + tl.cast(offset_lo, tl.uint32),
+            zero + tl.cast(offset_hi, tl.uint32),
+            tl.cast(seed_lo, tl.uint32),
+            tl.cast(seed_hi, tl.uint32),
+        )
+        word = offs & 3
+        noise = tl.where(
+            word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3))
+        )
+        m_stored = round_stochastic(m, noise)
+        v_stored = round_stochastic(v, noise >> 16)
+    else:
+        m_stored = round_to(m, exp_avg_ptr.dtype.element_ty)
+        v_stored = round_to(v, exp_avg_sq_ptr.dtype.element_ty)
+    tl.store(exp_avg_ptr + offs, m_stored, mask=mask)
     tl.store(exp_avg_sq_ptr + offs, v_stored, mask=mask)
     if AMSGRAD:
-        v_max = tl.load(max_exp_avg_sq_ptr + offs, mask=mask, other=0.0).to(compute)
-        v = tl.maximum(v_max, v, propagate_nan=tl.PropagateNan.ALL)
-        v_stored = round_to(v, max_exp_avg_sq_ptr.dtype.element_ty)
+        v_max = tl.load(max_exp_avg_sq_ptr + offs, mask=mask, other=0.0)
+        # The running max keeps max(v_max, v as stored); the step divides by
+        # max(v_max, v), v unrounded (rounding to nearest commutes with max).
+        kept = tl.maximum(v_max, v_stored, propagate_nan=tl.PropagateNan.ALL)
+        v = tl.maximum(v_max.to(compute), v, propagate_nan=tl.PropagateNan.ALL)
+        v_stored = (
+            kept if STOCHASTIC else round_to(v, max_exp_avg_sq_ptr.dtype.element_ty)
+        )
         tl.store(max_exp_avg_sq_ptr + offs, v_stored, mask=mask)
     denom = _div(_sqrt(v, FP64), f64(sqrt_c2, compute), FP64) + f64(eps, compute)
     # A zero denominator (eps = 0, a coordinate that only saw zero gradients)
@@ -185,13 +229,26 @@ def adam_(batch: AdamBatch, hyper: AdamHyper, stats: np.ndarray | None) -> None:
     :func:`optiscope.kernels.rows.hist_stride`, read after the step.
     """
     for device, idx in by_device(batch.params):
+        columns = batch[:-1]  # the tensors and corrections, row by row
         picked = AdamBatch(
-            *(None if column is None else [column[i] for i in idx] for column in batch)
+            *(
+                None if column is None else [column[i] for i in idx]
+                for column in columns
+            ),
+            _pick_rounding(batch.rounding, idx),
         )
         with on(device):
             found = _adam_rows(picked, hyper, stats is not None)
         if found is not None:
             fold_into(stats, idx, found, rows.ADAM)
+
+
+def _pick_rounding(
+    rounding: StochasticRounding | None, idx: list[int]
+) -> StochasticRounding | None:
+    if rounding is None:
+        return None
+    return StochasticRounding(rounding.seed, [rounding.offsets[i] for i in idx])
 
 
 def _adam_rows(batch: AdamBatch, hyper: AdamHyper, probe: bool) -> np.ndarray | None:
@@ -202,9 +259,12 @@ def _adam_rows(batch: AdamBatch, hyper: AdamHyper, probe: bool) -> np.ndarray | 
     else:
         decay_mode, decay = _L2_DECAY, hyper.weight_decay
     used = batch.max_exp_avg_sqs if hyper.amsgrad else batch.exp_avg_sqs
+    rounding = batch.rounding
+    seed = 0 if rounding is None else rounding.seed
     first, parts = program_rows(batch.params, ADAM_COLUMNS, probe)
     for i, param in enumerate(batch.params):
         c1, c2 = batch.corrections[i]
+        offset = 0 if rounding is None else rounding.offsets[i]
         _adam_kernel[(triton.cdiv(param.numel(), common.OPTIMIZER_BLOCK),)](
             param,
             batch.grads[i],
@@ -224,11 +284,16 @@ def _adam_rows(batch: AdamBatch, hyper: AdamHyper, probe: bool) -> np.ndarray | 
             to_bits(hyper.lr),
             to_bits(c2),
             to_bits(eps_threshold(hyper.eps, c2) if probe else 0.0),
+            seed & 0xFFFFFFFF,
+            seed >> 32,
+            offset & 0xFFFFFFFF,
+            offset >> 32,
             DECAY=decay_mode,
             AMSGRAD=hyper.amsgrad,
             MAXIMIZE=hyper.maximize,
             FP64=computes_in_fp64(param, batch.exp_avgs[i]),
             PROBE=probe,
+            STOCHASTIC=rounding is not None,
             BLOCK=common.OPTIMIZER_BLOCK,
             num_warps=common.OPTIMIZER_WARPS,
             enable_fp_fusion=False,

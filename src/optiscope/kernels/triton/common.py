@@ -67,6 +67,17 @@ def round_to(x, dtype: tl.constexpr):
         return x.to(dtype)
 
 
+@triton.jit
+def round_stochastic(x, noise):
+    """float32 ``x`` to bfloat16, rounded up in magnitude iff its low 16 bits
+    plus the low 16 bits of ``noise`` (uint32) carry: see
+    :func:`optiscope.rules.stochastic_round`."""
+    bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+    rounded = (bits + (noise & 0xFFFF)) >> 16
+    rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)  # NaN stays NaN
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
 # --- host helpers ------------------------------------------------------------
 
 
