@@ -52,8 +52,9 @@ def test_threshold_edges() -> None:
 
 @pytest.mark.parametrize(("counter", "key", "expected"), KNOWN_ANSWERS)
 def test_cpu_kernel_generator_gives_the_known_answers(counter, key, expected) -> None:
-    """The numba generator behind the CPU dropout, on Random123's vectors too."""
-    from optiscope.kernels.cpu import dropout
+    """The numba generator behind the CPU dropout and stochastic rounding, on
+    Random123's vectors too."""
+    from optiscope.kernels.cpu import philox_words
 
-    words = dropout._philox(*(np.uint64(x) for x in (*counter, *key)))
+    words = philox_words.philox4x32_10(*(np.uint64(x) for x in (*counter, *key)))
     assert tuple(int(w) for w in words) == expected

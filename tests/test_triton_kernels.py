@@ -536,7 +536,7 @@ def _philox_probe(counter_ptr, out_ptr, k0, k1, N: tl.constexpr):
     # counter words as int64 (torch has few uint32 ops), out the same way.
     rows = tl.arange(0, N)
     c = [tl.load(counter_ptr + rows * 4 + j).to(tl.uint32) for j in tl.static_range(4)]
-    r = tk_dropout._philox4x32_10(
+    r = common.philox4x32_10(
         c[0], c[1], c[2], c[3], tl.cast(k0, tl.uint32), tl.cast(k1, tl.uint32)
     )
     for j in tl.static_range(4):

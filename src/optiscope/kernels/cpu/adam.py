@@ -24,8 +24,8 @@ from .bits import (
     umin,
     zero,
 )
-from .dropout import _block_words
 from .jit import JIT
+from .philox_words import block_words
 from .probe_sums import adam_chunk, hist_counts, open_chunk
 from .threads import CHUNK, claim, either, optional_view, parts, view
 
@@ -249,7 +249,7 @@ def _stochastic_chunk(
         stop = min(first + WORDS, n)
         block = np.uint64((start + first) // 4)  # start and WORDS: multiples of 4
         for b in range((stop - first + 3) // 4):
-            r0, r1, r2, r3 = _block_words(block + np.uint64(b), c2, c3, k0, k1)
+            r0, r1, r2, r3 = block_words(block + np.uint64(b), c2, c3, k0, k1)
             noise[4 * b] = np.uint32(r0)
             noise[4 * b + 1] = np.uint32(r1)
             noise[4 * b + 2] = np.uint32(r2)

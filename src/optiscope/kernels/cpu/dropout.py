@@ -30,47 +30,13 @@ from ... import rules
 from .. import philox
 from .bits import load, store
 from .jit import JIT
+from .philox_words import LOW32 as _LOW32
+from .philox_words import U32 as _U32
+from .philox_words import block_words
 from .threads import CHUNK, chunk_table, claim, run
-
-_M0 = np.uint64(philox.PHILOX_M0)
-_M1 = np.uint64(philox.PHILOX_M1)
-_W0 = np.uint64(philox.PHILOX_W0)
-_W1 = np.uint64(philox.PHILOX_W1)
-_ROUNDS = philox.ROUNDS
-_LOW32 = np.uint64(0xFFFFFFFF)
-_U32 = np.uint64(32)
 
 
 # -- kernels ---------------------------------------------------------------------------
-@numba.njit(inline="always", **JIT)
-def _philox(c0, c1, c2, c3, k0, k1):
-    """Philox4x32-10 on one counter, words held in uint64 below ``2^32``.
-
-    The masks change no value; they let LLVM prove that both factors of every
-    product are below ``2^32``, which it needs to use ``vpmuludq``.
-    """
-    c0, c1, c2, c3 = c0 & _LOW32, c1 & _LOW32, c2 & _LOW32, c3 & _LOW32
-    k0, k1 = k0 & _LOW32, k1 & _LOW32
-    for _ in range(_ROUNDS):
-        prod0 = _M0 * c0
-        prod1 = _M1 * c2
-        c0, c1, c2, c3 = (
-            (prod1 >> _U32) ^ c1 ^ k0,
-            prod1 & _LOW32,
-            (prod0 >> _U32) ^ c3 ^ k1,
-            prod0 & _LOW32,
-        )
-        k0 = (k0 + _W0) & _LOW32
-        k1 = (k1 + _W1) & _LOW32
-    return c0, c1, c2, c3
-
-
-@numba.njit(inline="always", **JIT)
-def _block_words(block, c2, c3, k0, k1):
-    """The four words of Philox block ``block`` (uint64) of the stream."""
-    return _philox(block & _LOW32, block >> _U32, c2, c3, k0, k1)
-
-
 @numba.njit(inline="always", **JIT)
 def _mask_four(x, out, i, words, cut, scale):
     """Elements ``i .. i+3`` of ``out``: ``x * scale`` where the block's word is
@@ -94,7 +60,7 @@ def _mask_blocks(x, out, first_block, cut, scale, c2, c3, k0, k1):
     a ``range``: provably non-negative, so numba adds no wraparound branch and
     LLVM sees consecutive accesses."""
     for b in range(x.size // 4):
-        words = _block_words(first_block + np.uint64(b), c2, c3, k0, k1)
+        words = block_words(first_block + np.uint64(b), c2, c3, k0, k1)
         _mask_four(x, out, 4 * b, words, cut, scale)
 
 
@@ -104,7 +70,7 @@ def _mask_blocks_inplace(x, first_block, cut, scale, c2, c3, k0, k1):
     two arrays LLVM vectorizes only behind a run-time check that they do not
     overlap, which ``x`` over itself fails, and the scalar loop is ~4x slower."""
     for b in range(x.size // 4):
-        words = _block_words(first_block + np.uint64(b), c2, c3, k0, k1)
+        words = block_words(first_block + np.uint64(b), c2, c3, k0, k1)
         _mask_four(x, x, 4 * b, words, cut, scale)
 
 
@@ -112,7 +78,7 @@ def _mask_blocks_inplace(x, first_block, cut, scale, c2, c3, k0, k1):
 def _mask_tail(x, out, block, cut, scale, c2, c3, k0, k1):
     """The first ``x.size < 4`` elements of Philox block ``block`` (uint64)."""
     nothing = scale - scale
-    words = _block_words(block, c2, c3, k0, k1)
+    words = block_words(block, c2, c3, k0, k1)
     for j in range(x.size):
         keep = words[j] >= cut
         store(out, j, load(x, j, scale) * scale if keep else nothing)
@@ -154,7 +120,7 @@ def _count_blocks(first_block, blocks, cut, c2, c3, k0, k1):
     """How many of the ``4 * blocks`` words from ``first_block`` on are ``>= cut``."""
     kept = 0
     for b in range(blocks):
-        r0, r1, r2, r3 = _block_words(first_block + np.uint64(b), c2, c3, k0, k1)
+        r0, r1, r2, r3 = block_words(first_block + np.uint64(b), c2, c3, k0, k1)
         kept += (r0 >= cut) + (r1 >= cut) + (r2 >= cut) + (r3 >= cut)
     return kept
 
@@ -176,7 +142,7 @@ def count_kernel(chunks, numel, cut, seed, offset, kept):
         kept[c] = _count_blocks(np.uint64(start >> 2), blocks, cut64, c2, c3, k0, k1)
         tail = start + 4 * blocks
         if tail < stop:
-            words = _block_words(np.uint64(tail >> 2), c2, c3, k0, k1)
+            words = block_words(np.uint64(tail >> 2), c2, c3, k0, k1)
             for j in range(stop - tail):
                 kept[c] += words[j] >= cut64
 

@@ -30,11 +30,11 @@ from .common import (
     computes_in_fp64,
     f64,
     on,
+    philox4x32_10,
     round_stochastic,
     round_to,
     to_bits,
 )
-from .dropout import _philox4x32_10
 from .probe_rows import (
     ADAM_COLUMNS,
     eps_threshold,
@@ -154,7 +154,7 @@ def _adam_kernel(
         # made by all four of its elements' lanes (no lane exchange needed).
         block = offs >> 2
         zero = tl.zeros_like(offs).to(tl.uint32)
-        r0, r1, r2, r3 = _philox4x32_10(
+        r0, r1, r2, r3 = philox4x32_10(
             (block & 0xFFFFFFFF).to(tl.uint32),
             (block >> 32).to(tl.uint32),
             zero + tl.cast(offset_lo, tl.uint32),

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ... import rules
+from ..philox import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1, ROUNDS
 
 # Elements per program for the optimizer kernels, counters per program for
 # dropout (4 elements each). Module attributes, read at each call, so a
@@ -43,6 +44,28 @@ FOLD_ROWS = 64  # program rows a fold step adds at once
 
 
 # --- device helpers ----------------------------------------------------------
+
+# The Philox constants, as compile-time constants the kernels can read.
+_M0 = tl.constexpr(PHILOX_M0)
+_M1 = tl.constexpr(PHILOX_M1)
+_W0 = tl.constexpr(PHILOX_W0)
+_W1 = tl.constexpr(PHILOX_W1)
+_ROUNDS = tl.constexpr(ROUNDS)
+
+
+@triton.jit
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on uint32 counter words ``c0..c3`` and key ``(k0, k1)``:
+    dropout's mask and Adam's stochastic rounding draw from it."""
+    for _ in tl.static_range(_ROUNDS):
+        hi0 = tl.umulhi(c0, _M0)
+        lo0 = c0 * _M0
+        hi1 = tl.umulhi(c2, _M1)
+        lo1 = c2 * _M1
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = k0 + _W0
+        k1 = k1 + _W1
+    return c0, c1, c2, c3
 
 
 @triton.jit

@@ -12,30 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..philox import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1, ROUNDS, threshold
+from ..philox import threshold
 from . import common
-from .common import f64, round_to, to_bits
-
-# The Philox constants, as compile-time constants the kernels can read.
-_M0 = tl.constexpr(PHILOX_M0)
-_M1 = tl.constexpr(PHILOX_M1)
-_W0 = tl.constexpr(PHILOX_W0)
-_W1 = tl.constexpr(PHILOX_W1)
-_ROUNDS = tl.constexpr(ROUNDS)
-
-
-@triton.jit
-def _philox4x32_10(c0, c1, c2, c3, k0, k1):
-    """Philox4x32-10 on uint32 counter words ``c0..c3`` and key ``(k0, k1)``."""
-    for _ in tl.static_range(_ROUNDS):
-        hi0 = tl.umulhi(c0, _M0)
-        lo0 = c0 * _M0
-        hi1 = tl.umulhi(c2, _M1)
-        lo1 = c2 * _M1
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0 = k0 + _W0
-        k1 = k1 + _W1
-    return c0, c1, c2, c3
+from .common import f64, philox4x32_10, round_to, to_bits
 
 
 @triton.jit(
@@ -65,7 +44,7 @@ def _dropout_kernel(
     # One Philox call per counter gives the words of 4 consecutive elements.
     counter = tl.program_id(0).to(tl.int64) * COUNTERS + tl.arange(0, COUNTERS)
     zero = tl.full([COUNTERS], 0, tl.uint32)
-    r0, r1, r2, r3 = _philox4x32_10(
+    r0, r1, r2, r3 = philox4x32_10(
         (counter & 0xFFFFFFFF).to(tl.uint32),
         (counter >> 32).to(tl.uint32),
         zero + tl.cast(offset_lo, tl.uint32),
