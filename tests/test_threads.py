@@ -90,3 +90,25 @@ def test_team_and_pool_give_bitwise_the_same_step(two_threads, monkeypatch) -> N
     alone = train(0)
     for a, b, c in zip(team, pool, alone, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_a_step_from_another_python_thread(two_threads) -> None:
+    """A thread other than the one torch's ops ran on gets a team of its own
+    from the runtime (or the pool): the same step, bitwise."""
+
+    def train(results: list) -> None:
+        torch.manual_seed(1)
+        p = torch.nn.Parameter(torch.randn(300_001))
+        opt = optiscope.Momentum([p], lr=0.1)
+        for _ in range(2):
+            p.grad = torch.randn_like(p)
+            opt.step()
+        results.append(p.detach().clone())
+
+    here: list[torch.Tensor] = []
+    there: list[torch.Tensor] = []
+    train(here)
+    worker = threading.Thread(target=train, args=(there,))
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive() and torch.equal(here[0], there[0])
