@@ -25,7 +25,45 @@ import torch
 
 import optiscope
 from optiscope.lab import data as lab_data
-from optiscope.lab.training import accuracy, full_loss, minibatches, mlp
+
+
+# The lab's MLP and its evaluation, written out here: the lab's own training
+# code trains many runs at once and is not this script's concern.
+def mlp(digits, *, hidden: int, p_drop: float, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    width = digits.x_train.shape[1]
+    return torch.nn.Sequential(
+        torch.nn.Linear(width, hidden),
+        torch.nn.ReLU(),
+        optiscope.Dropout(p_drop),
+        torch.nn.Linear(hidden, hidden),
+        torch.nn.ReLU(),
+        optiscope.Dropout(p_drop),
+        torch.nn.Linear(hidden, 10),
+    )
+
+
+def minibatches(n: int, batch: int, steps: int, seed: int):
+    """``steps`` batches of ``batch`` row indices, drawn with replacement."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        yield torch.randint(n, (batch,), generator=generator)
+
+
+@torch.no_grad()
+def full_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    loss = torch.nn.functional.cross_entropy(model(x).double(), y).item()
+    model.train()
+    return loss
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    hits = (model(x).argmax(1) == y).double().mean().item()
+    model.train()
+    return hits
 
 
 class _Float16MomentsAdam(optiscope.Adam):
