@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .. import _checks
-from . import dispatch, ops, philox, rows, torch_rule
+from . import dispatch, loading, ops, philox, rows, torch_rule
 from .gate import PLAIN_TYPES, check_rows, is_plain
 from .records import AdamBatch, AdamHyper, MomentumBatch, MomentumHyper
 
@@ -472,6 +472,5 @@ def count_kept(numel: int, p: float, seed: int, offset: int) -> int:
         raise ValueError(f"count_kept needs numel >= 0, got {numel!r}")
     if p == 1.0 or numel == 0:
         return 0  # the threshold 2^32 does not fit a word; nothing is kept
-    from . import cpu  # numba, on first use only (see dispatch._backend)
-
-    return cpu.count_kept(numel, p, seed, offset)
+    # numba on first use only, through the loader that announces a compile
+    return loading.backend().count_kept(numel, p, seed, offset)
