@@ -108,3 +108,44 @@ def test_the_rule_backend_takes_the_same_steps_as_the_kernels(monkeypatch) -> No
     rule = torch.nn.Parameter(data.clone())
     steps(cfg, rule, grads)
     torch.testing.assert_close(kernel, rule, rtol=2e-7, atol=1e-7)
+
+
+def test_an_eager_step_bumps_versions_without_the_dispatcher() -> None:
+    """Plain eager steps skip torch's dispatcher, but mark what they write as
+    modified, as the operator's ADInplaceOrView kernel does: autograd then
+    refuses a tensor saved before the step."""
+    p = torch.nn.Parameter(torch.randn(8))
+    p.grad = torch.randn(8)
+    opt = optiscope.Adam([p], lr=0.1)
+    opt.step()
+    state = opt.state[p]
+    before = [t._version for t in (p, state["exp_avg"], state["exp_avg_sq"])]
+    step_before = state["step"]._version
+    grad_before = p.grad._version
+    opt.step()
+    after = [t._version for t in (p, state["exp_avg"], state["exp_avg_sq"])]
+    assert all(b > a for a, b in zip(before, after, strict=True))
+    assert state["step"]._version > step_before and p.grad._version == grad_before
+
+
+def test_a_dispatch_mode_sees_the_step_as_one_operator() -> None:
+    """Where a TorchDispatchMode is active, the step goes through torch's
+    dispatcher, so the mode sees ``optiscope.momentum_`` (and nothing bypasses it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    p = torch.nn.Parameter(torch.randn(8))
+    p.grad = torch.randn(8)
+    opt = optiscope.Momentum([p], lr=0.1)
+    opt.step()
+    with Seen() as seen:
+        opt.step()
+    assert "optiscope.momentum_.default" in seen.ops

@@ -75,12 +75,12 @@ def _local(t: torch.Tensor) -> torch.Tensor | None:
 
 def _route(
     columns: Sequence[Sequence[torch.Tensor] | None],
-) -> tuple[list[int], list[list[torch.Tensor] | None], list[int]]:
-    """Rows for the operator (with their tensors, DTensors as local shards) and
-    rows for the per-tensor rule."""
+) -> tuple[list[int], list[list[torch.Tensor] | None], list[int], bool]:
+    """Rows for the operator (with their tensors, DTensors as local shards),
+    rows for the per-tensor rule, and whether every tensor was plain."""
     if all(set(map(type, c)) <= _PLAIN for c in columns if c is not None):
         # Every tensor plain: the usual case, decided in one scan.
-        return list(range(len(columns[0]))), list(columns), []
+        return list(range(len(columns[0]))), list(columns), [], True
     fused: list[int] = []
     local: list[list[torch.Tensor] | None] = [
         None if c is None else [] for c in columns
@@ -95,7 +95,7 @@ def _route(
         for out, r in zip(local, row, strict=True):
             if out is not None:
                 out.append(r)
-    return fused, local, per_tensor
+    return fused, local, per_tensor, False
 
 
 def _pick(column: Sequence | None, picked: list[int]) -> list | None:
@@ -152,7 +152,7 @@ def check_adam(
 
 
 def _check(columns, labels, make_columns) -> None:
-    fused, local, per_tensor = _route(columns)
+    fused, local, per_tensor, _ = _route(columns)
     # Real memory only outside tracing: under torch.compile the operator's
     # implementation checks the real tensors when it runs, and fake tensors
     # reach only its fake implementation.
@@ -193,7 +193,7 @@ def momentum_(
     """
     hyper = MomentumHyper(float(lr), float(momentum), float(weight_decay), maximize)
     columns = (params, grads, momentum_buffers)
-    fused, local, per_tensor = _route(columns)
+    fused, local, per_tensor, plain = _route(columns)
     table = _table(stats, len(params), rows.MOMENTUM)
     if per_tensor:  # checked before the operator changes anything
         picked = [_pick(c, per_tensor) for c in columns]
@@ -204,7 +204,7 @@ def momentum_(
         )
     if fused:
         part = _part(table, fused, rows.MOMENTUM)
-        ops.momentum_(*local, *hyper, part)
+        ops.step("momentum_", (*local, *hyper, part), plain)
         _fold(table, part, fused, rows.MOMENTUM)
     if per_tensor:
         part = (
@@ -265,7 +265,8 @@ def adam_(
     )
     vmax = max_exp_avg_sqs if amsgrad else None
     columns = (params, grads, exp_avgs, exp_avg_sqs, vmax, steps)
-    fused, local, per_tensor = _route(columns[:5])
+    fused, local, per_tensor, plain = _route(columns[:5])
+    plain = plain and set(map(type, steps)) <= _PLAIN
     table = _table(stats, len(params), rows.ADAM)
     if per_tensor:  # checked before the operator changes anything
         picked = [_pick(c, per_tensor) for c in columns]
@@ -280,7 +281,7 @@ def adam_(
         part = _part(table, fused, rows.ADAM)
         m_max = local[4] if amsgrad else []
         streams = list(rounding_streams) if rounding_seed is not None else []
-        ops.adam_(
+        args = (
             *local[:4],
             m_max,
             _pick(steps, fused),
@@ -289,6 +290,7 @@ def adam_(
             rounding_seed,
             _pick(streams, fused) if streams else [],
         )
+        ops.step("adam_", args, plain)
         _fold(table, part, fused, rows.ADAM)
     if per_tensor:
         corrections = dispatch.advance(picked[5], hyper)

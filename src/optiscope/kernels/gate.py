@@ -303,21 +303,53 @@ def _check_overlap(
     belongs to column ``k // rows``, row ``k % rows``."""
     if start.size < 2:
         return
-    keep = np.flatnonzero(stop > start)  # empty tensors hold no byte
-    start, stop = start[keep], stop[keep]
-    order = np.argsort(start, kind="stable")
-    reach = np.maximum.accumulate(stop[order])
-    clash = np.flatnonzero(start[order][1:] < reach[:-1])
-    if clash.size:
-        k = int(clash[0]) + 1
-        second = int(order[k])
-        first = int(order[:k][np.argmax(stop[order[:k]] > start[second])])
+    if start.size <= _FEW_RANGES:
+        clash = _first_clash_few(start.tolist(), stop.tolist())
+    else:
+        clash = _first_clash_many(start, stop)
+    if clash is not None:
         rows = len(columns[0].tensors)
         names = [
             f"{columns[i // rows].name} of parameter {_label(labels, i % rows)}"
-            for i in (int(keep[second]), int(keep[first]))
+            for i in clash
         ]
         raise ValueError(
             f"{names[0]} shares memory with {names[1]}; "
             "the tensors of a step must not overlap"
         )
+
+
+#: Up to this many ranges a sort in Python is quicker than numpy's calls,
+#: whose fixed cost dominates a step of a few tensors.
+_FEW_RANGES = 32
+
+
+def _first_clash_few(start: list[int], stop: list[int]) -> tuple[int, int] | None:
+    """:func:`_first_clash_many` for a few ranges, in Python: the same answer."""
+    order = sorted(
+        (k for k in range(len(start)) if stop[k] > start[k]), key=start.__getitem__
+    )
+    reach = None
+    for position, second in enumerate(order):
+        if reach is not None and start[second] < reach:
+            first = next(j for j in order[:position] if stop[j] > start[second])
+            return second, first
+        reach = stop[second] if reach is None else max(reach, stop[second])
+    return None
+
+
+def _first_clash_many(start: np.ndarray, stop: np.ndarray) -> tuple[int, int] | None:
+    """The first range (in order of start, ties by index) that begins inside an
+    earlier one, and the first earlier one it begins inside; empty ranges hold
+    no byte. None if no two ranges intersect."""
+    keep = np.flatnonzero(stop > start)
+    start, stop = start[keep], stop[keep]
+    order = np.argsort(start, kind="stable")
+    reach = np.maximum.accumulate(stop[order])
+    clash = np.flatnonzero(start[order][1:] < reach[:-1])
+    if not clash.size:
+        return None
+    k = int(clash[0]) + 1
+    second = int(order[k])
+    first = int(order[:k][np.argmax(stop[order[:k]] > start[second])])
+    return int(keep[second]), int(keep[first])

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.utils._python_dispatch as _python_dispatch
 from torch._functorch.utils import unwrap_dead_wrappers
 
 from . import dispatch
@@ -114,31 +115,79 @@ def _fake(*args: Any) -> None:
     return None  # the operators return nothing; their writes are in the schema
 
 
+def _bump(args: tuple, written: tuple[int, ...]) -> None:
+    """Mark the written arguments as modified (so autograd refuses a stale
+    saved tensor), a whole list per call."""
+    for index in written:
+        if args[index] is not None:
+            torch.autograd.graph.increment_version(args[index])
+
+
 def _bump_versions(written: tuple[int, ...]) -> Any:
-    """An ADInplaceOrView kernel: mark the written arguments as modified (so
-    autograd refuses a stale saved tensor), a whole list per call."""
+    """An ADInplaceOrView kernel: :func:`_bump`, then on to the implementation."""
 
     def kernel(keyset: Any, op: Any, *args: Any) -> None:
-        for index in written:
-            if args[index] is not None:
-                torch.autograd.graph.increment_version(args[index])
+        _bump(args, written)
         return op.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args)
 
     return kernel
 
 
-for _name, _impl, _written in (
-    ("momentum_", _momentum_impl, (0, 2, 7)),
-    ("adam_", _adam_impl, (0, 2, 3, 4, 5, 15)),
-):
+_STEPS = {
+    "momentum_": (_momentum_impl, (0, 2, 7)),
+    "adam_": (_adam_impl, (0, 2, 3, 4, 5, 15)),
+}
+
+
+def step(name: str, args: tuple, plain: bool) -> None:
+    """``torch.ops.optiscope.<name>(*args)``. With ``plain`` tensors (no
+    subclass) on CPU or CUDA in plain eager mode, where nothing traces or
+    intercepts operators, the same version bumps and implementation without torch's
+    dispatcher, whose Python round trip costs about 0.1 ms right after a torch
+    op (BENCHMARKS.md, "Sharing torch's cores")."""
+    if (
+        plain
+        and _plain_eager()
+        and _KERNEL_DEVICES.issuperset(map(_device_type, args[0]))
+    ):
+        impl, written = _STEPS[name]
+        _bump(args, written)
+        impl(*args)
+        return
+    getattr(torch.ops.optiscope, name).default(*args)
+
+
+#: Where torch would run the implementation (a meta tensor, say, takes the fake one).
+_KERNEL_DEVICES = frozenset({"cpu", "cuda"})
+
+
+def _device_type(t: torch.Tensor) -> str:
+    return t.device.type
+
+
+def _plain_eager() -> bool:
+    """No torch.compile tracing, dispatch or function mode, or functorch
+    transform is active: each would see or change what an operator call does."""
+    try:
+        return not (
+            torch.compiler.is_compiling()
+            or _python_dispatch.is_in_torch_dispatch_mode()
+            or torch._C._is_torch_function_mode_enabled()
+            or torch._C._functorch.peek_interpreter_stack() is not None
+        )
+    except AttributeError:  # a torch without one of these private probes
+        return False
+
+
+for _name, (_impl, _written) in _STEPS.items():
     for _key in ("CPU", "CUDA"):
         _LIB.impl(_name, _impl, _key)
     torch.library.register_fake(f"optiscope::{_name}", _fake, lib=_LIB)
-    _bump = _bump_versions(_written)
+    _versions = _bump_versions(_written)
     _op = getattr(torch.ops.optiscope, _name).default
     _LIB.impl(
         _name,
-        lambda keyset, *args, _k=_bump, _o=_op: _k(keyset, _o, *args),
+        lambda keyset, *args, _k=_versions, _o=_op: _k(keyset, _o, *args),
         "ADInplaceOrView",
         with_keyset=True,
     )
