@@ -303,3 +303,24 @@ def test_cache_failing_the_schema_is_refused(capsys, tmp_path) -> None:
     )
     assert code == 2
     one_error_line(err, "fails the schema (field 'title' is missing or not text)")
+
+
+def test_after_a_ctrl_c_only_compiler_finalizer_noise_is_dropped(monkeypatch) -> None:
+    """An interrupted compile leaves LLVM objects whose finalizers raise at exit;
+    the lab drops those, and still reports any other unraisable exception."""
+    import sys
+    from types import SimpleNamespace
+
+    import llvmlite.binding.ffi as ffi
+
+    from optiscope.lab.runner import _quiet_compiler_finalizers
+
+    reported = []
+    monkeypatch.setattr(sys, "__unraisablehook__", reported.append)
+    compiler = SimpleNamespace(object=ffi.ObjectRef.__del__)
+    other = SimpleNamespace(
+        object=test_after_a_ctrl_c_only_compiler_finalizer_noise_is_dropped
+    )
+    _quiet_compiler_finalizers(compiler)
+    _quiet_compiler_finalizers(other)
+    assert reported == [other]

@@ -145,12 +145,22 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args, out)
     except KeyboardInterrupt:
+        # A Ctrl-C inside a numba compile leaves half-built LLVM objects whose
+        # finalizers complain at exit: that noise is not the lab's message.
+        sys.unraisablehook = _quiet_compiler_finalizers
         print(
             f"optiscope lab: interrupted; finished claims are kept in {out / '.lab-partial'}"
             " — run the same command with --resume to continue",
             file=sys.stderr,
         )
         return 130
+
+
+def _quiet_compiler_finalizers(unraisable: Any) -> None:
+    """Drop what llvmlite's (and numba's) finalizers raise; report the rest."""
+    owner = getattr(unraisable.object, "__module__", None) or ""
+    if not owner.startswith(("llvmlite", "numba")):
+        sys.__unraisablehook__(unraisable)
 
 
 def _run(args: argparse.Namespace, out: Path) -> int:
@@ -160,6 +170,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     import optiscope
+    from optiscope.kernels import loading
 
     from . import cache, checkup, report
     from .claims import CLAIMS, SOURCE, Context, Shared
@@ -182,6 +193,10 @@ def _run(args: argparse.Namespace, out: Path) -> int:
             data = load(args.data, args.seed, args.label_column)
         except DataError as error:
             return _fail(str(error))
+        # The CPU kernels now, in this thread: a claim's first step would
+        # load (or compile) them on a thread of their own, which would still
+        # be at it when a Ctrl-C ends the run, and whose teardown then prints.
+        loading.backend()
         config = {
             "seed": args.seed,
             "quick": args.quick,
