@@ -10,6 +10,7 @@ from configs import DTYPES, randn
 from tests_helpers import DEVICES
 
 import optiscope
+from optiscope.bench import saved_bytes
 from optiscope.functional import dropout
 
 PS = [0.1, 0.5, 0.9]
@@ -165,21 +166,6 @@ def test_inplace_p_one_zeroes_the_input_and_its_gradient() -> None:
     assert dropout(x, 1.0, inplace=True) is x and torch.equal(x, torch.zeros(3))
     x.sum().backward()
     assert torch.equal(leaf.grad, torch.zeros(3))
-
-
-def saved_bytes(fn, x: torch.Tensor) -> int:
-    """Bytes of the tensors autograd saves while ``fn(x)`` runs, beyond ``x``."""
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        if t.data_ptr() != x.data_ptr():
-            total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(x)
-    return total
 
 
 def test_inplace_gradient_is_the_stored_mask_gradient_with_nothing_saved() -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from configs import adam_hyper, config
 
 import optiscope
 from optiscope.kernels import cpu, loading, numpy_twin
@@ -41,18 +42,9 @@ OPTIONS = {
 
 
 def hyper(**options) -> AdamHyper:
-    base = dict(
-        lr=1e-2,
-        beta1=0.9,
-        beta2=0.999,
-        eps=1e-8,
-        weight_decay=0.0,
-        decoupled_weight_decay=False,
-        amsgrad=False,
-        maximize=False,
-        bias_correction=True,
-    )
-    return AdamHyper(**{**base, **options})
+    """Plain Adam at lr 1e-2, with ``options`` changed."""
+    plain = {"lr": 1e-2, "weight_decay": 0.0, **options}
+    return adam_hyper(config("adam"))._replace(**plain)
 
 
 def rows(dtype: torch.dtype, amsgrad: bool, seed: int) -> list[list[torch.Tensor]]:

@@ -47,13 +47,20 @@ class Case:
 
 
 # -- timing ------------------------------------------------------------------------------
-def round_robin(variants: dict[str, Callable[[], Any]], rounds: int) -> dict[str, dict]:
-    """Median and min–max seconds of each variant, timed one after another per round."""
+def round_robin(
+    variants: dict[str, Callable[[], Any]],
+    rounds: int,
+    before: Callable[[], Any] | None = None,
+) -> dict[str, dict]:
+    """Median and min–max seconds of each variant, timed one after another per
+    round; ``before``, if given, runs untimed before each timing."""
     for run in variants.values():  # warm-up: compile, allocate state
         run()
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, run in variants.items():
+            if before is not None:
+                before()
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
@@ -177,26 +184,15 @@ def bench_state_dtype(numel: int, threads: int, rounds: int) -> dict[str, Any]:
             lambda ps: optiscope.Adam(ps, **bf16, stochastic_rounding=True)
         ),
     }
-    for step in steps.values():  # warm-up: compile, allocate state
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            a.add_(b, alpha=0.5)
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    fused = times["torch fused"]
+    timings = round_robin(steps, rounds, before=lambda: a.add_(b, alpha=0.5))
     variants = {}
-    for name, t in times.items():
-        ratios = [f / x for f, x in zip(fused, t, strict=True)]
+    for name, t in timings.items():
+        ratio = paired_ratio(timings, ["torch fused"], [name])
         variants[name] = {
-            "median_s": statistics.median(t),
-            "min_s": min(t),
-            "max_s": max(t),
-            "speedup_vs_fused": statistics.median(ratios),
-            "speedup_min": min(ratios),
-            "speedup_max": max(ratios),
+            **{k: t[k] for k in ("median_s", "min_s", "max_s")},
+            "speedup_vs_fused": ratio["median"],
+            "speedup_min": ratio["min"],
+            "speedup_max": ratio["max"],
         }
     return {"numel": numel, "threads": threads, "rounds": rounds, **variants}
 

@@ -88,8 +88,11 @@ def adam(
     table = _stats_table(stats, len(batch.params), rows.ADAM)
     corrections = advance(steps, hyper)
     rounding = stochastic_rounding(rounding_seed, rounding_streams, steps)
-    tensors = [c.tensors for c in columns]
-    if table is None and _while_loading(seen) and numpy_twin.takes(tensors):
+    if (
+        table is None
+        and _while_loading(seen)
+        and numpy_twin.takes([c.tensors for c in columns])
+    ):
         loading.start(functools.partial(_warm, batch.params[0].dtype, hyper))
         numpy_twin.adam_(batch._replace(corrections=corrections), hyper)
         return
